@@ -1,0 +1,69 @@
+# Builds the two C modules for Lua 5.4 (build/5.4) and LuaJIT 2.1 (build/luajit):
+#   iothub/core.so  - SAS, JSON, request building, policies; no libcurl (OpenResty loads this one)
+#   iothub/curl.so  - the libcurl transport
+# All variables are overridable: make LUA_INCDIR=... CC=clang
+
+LUA          ?= lua5.4
+LUAJIT       ?= luajit
+LUA_VERSION  ?= 5.4
+LUA_INCDIR   ?= /usr/include/lua$(LUA_VERSION)
+LUAJIT_INCDIR ?= /usr/include/luajit-2.1
+BUILD        ?= build/$(LUA_VERSION)
+BUSTED       ?= busted
+
+CC           ?= cc
+OPTFLAGS     ?= -O2 -g
+WARNFLAGS    ?= -Wall -Wextra -Werror=implicit-function-declaration
+CFLAGS_ALL    = $(OPTFLAGS) $(WARNFLAGS) -std=gnu99 -fPIC $(EXTRA_CFLAGS)
+LIBFLAG      ?= -shared
+CURL_CFLAGS  ?= $(shell pkg-config --cflags libcurl 2>/dev/null)
+CURL_LIBS    ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
+CRYPTO_LIBS  ?= $(shell pkg-config --libs libcrypto 2>/dev/null || echo -lcrypto)
+
+CORE_SRC = csrc/core.c csrc/sas.c csrc/codec.c csrc/json.c csrc/clock.c \
+           csrc/validate.c csrc/request.c csrc/policy.c
+CURL_SRC = csrc/curl.c
+HEADERS  = $(wildcard csrc/*.h)
+
+PREFIX          ?= /usr/local
+LUA_CMODULE_DIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
+LUA_MODULE_DIR  ?= $(PREFIX)/share/lua/$(LUA_VERSION)
+
+.PHONY: all luajit both test test-lua54 test-luajit lint bench clean install demo
+
+all: $(BUILD)/iothub/core.so $(BUILD)/iothub/curl.so
+
+luajit:
+	$(MAKE) all LUA_VERSION=luajit LUA_INCDIR=$(LUAJIT_INCDIR) BUILD=build/luajit
+
+both: all luajit
+
+$(BUILD)/iothub/core.so: $(CORE_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -I$(LUA_INCDIR) -Icsrc $(LIBFLAG) -o $@ $(CORE_SRC) $(CRYPTO_LIBS)
+
+$(BUILD)/iothub/curl.so: $(CURL_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -I$(LUA_INCDIR) -Icsrc $(CURL_CFLAGS) $(LIBFLAG) -o $@ $(CURL_SRC) $(CURL_LIBS)
+
+# The test command README.md documents: both interpreters, plus lint.
+test: both
+	$(BUSTED) --lua=$(LUA) -o utfTerminal spec
+	$(BUSTED) --lua=$(LUAJIT) -r luajit -o utfTerminal spec
+
+test-lua54: all
+	$(BUSTED) --lua=$(LUA) spec
+
+test-luajit: luajit
+	$(BUSTED) --lua=$(LUAJIT) -r luajit spec
+
+lint:
+	luacheck .
+
+clean:
+	rm -rf build
+
+install: all
+	install -d $(DESTDIR)$(LUA_CMODULE_DIR)/iothub $(DESTDIR)$(LUA_MODULE_DIR)
+	install -m 0755 $(BUILD)/iothub/core.so $(BUILD)/iothub/curl.so $(DESTDIR)$(LUA_CMODULE_DIR)/iothub/
+	cp -R lua/iothub $(DESTDIR)$(LUA_MODULE_DIR)/

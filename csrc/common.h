@@ -1,0 +1,20 @@
+/* Declarations shared by the C files of iothub.core (and iothub.curl). */
+#ifndef IOTHUB_COMMON_H
+#define IOTHUB_COMMON_H
+
+#include "compat.h"
+
+/* Runtime failure convention (luv/LuaSocket): push nil, message, code; return 3.
+ * Misuse (wrong argument types) raises through luaL_arg* instead. */
+int iothub_fail(lua_State *L, const char *code, const char *fmt, ...);
+
+/* Each concern registers its functions into the module table at the top of the stack. */
+int sas_open(lua_State *L);      /* sas.c: HMAC-SHA256, SAS tokens, connection strings */
+int codec_open(lua_State *L);    /* codec.c: base64, strict URL encoding, uuid4 */
+int json_open(lua_State *L);     /* json.c: exact-number JSON codec */
+int clock_open(lua_State *L);    /* clock.c: monotonic/wall time, sleep, ISO-8601, isatty, rusage */
+int validate_open(lua_State *L); /* validate.c: job ids, query conditions, properties, timeouts */
+int request_open(lua_State *L);  /* request.c: URL, headers and job request bodies */
+int policy_open(lua_State *L);   /* policy.c: retry backoff and monitor decisions */
+
+#endif
