@@ -40,7 +40,7 @@ both: all luajit
 
 $(BUILD)/iothub/core.so: $(CORE_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) -I$(LUA_INCDIR) -Icsrc $(LIBFLAG) -o $@ $(CORE_SRC) $(CRYPTO_LIBS)
+	$(CC) $(CFLAGS_ALL) -I$(LUA_INCDIR) -Icsrc $(LIBFLAG) -o $@ $(CORE_SRC) $(CRYPTO_LIBS) -lm
 
 $(BUILD)/iothub/curl.so: $(CURL_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)

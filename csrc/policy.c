@@ -1,3 +1,185 @@
+/* Retry and monitoring decisions. Pure functions of their inputs (time and randomness are
+ * passed in), so the Lua side can drive them with a real or an injected clock and tests can
+ * check every branch without sleeping. */
+#include <math.h>
+#include <string.h>
 #include "common.h"
-/* TODO: filled in by the policy work */
-int policy_open(lua_State *L) { (void)L; return 0; }
+
+static double opt_number(lua_State *L, int t, const char *key, double dflt) {
+  double v;
+  lua_getfield(L, t, key);
+  if (lua_isnil(L, -1)) v = dflt;
+  else if (lua_type(L, -1) == LUA_TNUMBER) v = lua_tonumber(L, -1);
+  else { lua_pop(L, 1); return luaL_error(L, "field '%s' must be a number", key); }
+  lua_pop(L, 1);
+  return v;
+}
+
+static const char *opt_string(lua_State *L, int t, const char *key) {
+  const char *s;
+  lua_getfield(L, t, key);
+  s = lua_isnil(L, -1) ? NULL : lua_tostring(L, -1);
+  lua_pop(L, 1); /* the string stays alive: it is anchored in the table */
+  return s;
+}
+
+static int opt_bool(lua_State *L, int t, const char *key) {
+  int v;
+  lua_getfield(L, t, key);
+  v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* Exponential growth capped at `cap`, then jitter removes up to `jitter` of it:
+ * attempt 1 -> [base*(1-jitter), base], attempt 2 -> twice that, ... */
+static double backoff(double attempt, double base, double cap, double jitter, double r) {
+  double d = base * pow(2.0, attempt > 1 ? attempt - 1 : 0);
+  if (d > cap) d = cap;
+  if (jitter < 0) jitter = 0;
+  if (jitter > 1) jitter = 1;
+  if (r < 0) r = 0;
+  if (r > 1) r = 1;
+  return d * (1.0 - jitter * r);
+}
+
+/* core.backoff(attempt, base, cap, jitter, random01) -> seconds */
+static int l_backoff(lua_State *L) {
+  lua_pushnumber(L, backoff(luaL_checknumber(L, 1), luaL_checknumber(L, 2), luaL_checknumber(L, 3),
+                            luaL_optnumber(L, 4, 0), luaL_optnumber(L, 5, 0)));
+  return 1;
+}
+
+/* Statuses and error codes worth another attempt: throttling (429, including
+ * ThrottlingMaxActiveJobCountExceeded), server errors and gateway timeouts. */
+static int status_retryable(int status) {
+  return status == 429 || status == 500 || status == 503 || status == 504;
+}
+
+/* core.retryable(status) -> boolean */
+static int l_retryable(lua_State *L) {
+  lua_pushboolean(L, status_retryable((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
+/* core.retry_decision{ status=, network=, attempt=, maxAttempts=, now=, deadline=,
+ *   retryAfter=, base=, cap=, throttleBase=, jitter=, random= }
+ * -> delay seconds, or nil, reason ("not-retryable" | "attempts" | "deadline").
+ * `attempt` counts the attempts already made. Throttled responses (429) back off from
+ * throttleBase, since the hub asks callers to wait about 10 s. */
+static int l_retry_decision(lua_State *L) {
+  int network, status;
+  double attempt, max_attempts, now, deadline, retry_after, base, cap, tbase, jitter, r, delay;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  network = opt_bool(L, 1, "network");
+  status = (int)opt_number(L, 1, "status", 0);
+  attempt = opt_number(L, 1, "attempt", 1);
+  max_attempts = opt_number(L, 1, "maxAttempts", 5);
+  now = opt_number(L, 1, "now", 0);
+  deadline = opt_number(L, 1, "deadline", HUGE_VAL);
+  retry_after = opt_number(L, 1, "retryAfter", -1);
+  base = opt_number(L, 1, "base", 1);
+  cap = opt_number(L, 1, "cap", 30);
+  tbase = opt_number(L, 1, "throttleBase", 10);
+  jitter = opt_number(L, 1, "jitter", 0.5);
+  r = opt_number(L, 1, "random", 0);
+
+  if (!network && !status_retryable(status)) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "not-retryable");
+    return 2;
+  }
+  if (attempt >= max_attempts) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "attempts");
+    return 2;
+  }
+  if (retry_after >= 0) {
+    delay = retry_after; /* the server said when; jitter would only make us early or late */
+  } else if (status == 429) {
+    delay = backoff(attempt, tbase, cap > tbase ? cap : tbase, jitter, r);
+    /* Jitter spreads clients apart but never below the hub's minimum wait. */
+    if (delay < tbase * (1.0 - jitter)) delay = tbase * (1.0 - jitter);
+  } else {
+    delay = backoff(attempt, base, cap, jitter, r);
+  }
+  if (now + delay > deadline) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "deadline");
+    return 2;
+  }
+  lua_pushnumber(L, delay);
+  return 1;
+}
+
+static int terminal(const char *status) {
+  return status && (strcmp(status, "completed") == 0 || strcmp(status, "failed") == 0 ||
+                    strcmp(status, "cancelled") == 0);
+}
+
+/* core.is_terminal(status) -> boolean: the job states after which nothing changes. */
+static int l_is_terminal(lua_State *L) {
+  lua_pushboolean(L, terminal(luaL_optstring(L, 1, NULL)));
+  return 1;
+}
+
+/* core.monitor_decision{ status=, now=, started=, timeout=, interval=, maxInterval=,
+ *   errors=, startTime= }
+ * -> "done" | "timeout" | "sleep", delay
+ * `errors` counts consecutive transient failures: the poll interval doubles with each one
+ * (up to maxInterval) so a struggling hub is not hammered. A job still waiting for a future
+ * startTime is polled no sooner than needed, up to maxInterval. The last sleep is cut short
+ * at the deadline so the timeout is honoured to the poll. */
+static int l_monitor_decision(lua_State *L) {
+  const char *status;
+  double now, started, timeout, interval, max_interval, errors, start_time, delay, deadline;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  status = opt_string(L, 1, "status");
+  now = opt_number(L, 1, "now", 0);
+  started = opt_number(L, 1, "started", now);
+  timeout = opt_number(L, 1, "timeout", HUGE_VAL);
+  interval = opt_number(L, 1, "interval", 5);
+  max_interval = opt_number(L, 1, "maxInterval", 60);
+  errors = opt_number(L, 1, "errors", 0);
+  start_time = opt_number(L, 1, "startTime", -1);
+
+  if (terminal(status)) {
+    lua_pushliteral(L, "done");
+    lua_pushnumber(L, 0);
+    return 2;
+  }
+  deadline = started + timeout;
+  if (now >= deadline) {
+    lua_pushliteral(L, "timeout");
+    lua_pushnumber(L, 0);
+    return 2;
+  }
+  if (max_interval < interval) max_interval = interval;
+  delay = interval;
+  if (errors > 0) {
+    delay = interval * pow(2.0, errors);
+    if (delay > max_interval) delay = max_interval;
+  } else if (status && start_time > now + interval &&
+             (strcmp(status, "scheduled") == 0 || strcmp(status, "queued") == 0 ||
+              strcmp(status, "enqueued") == 0)) {
+    delay = start_time - now;
+    if (delay > max_interval) delay = max_interval;
+  }
+  if (now + delay > deadline) delay = deadline - now;
+  lua_pushliteral(L, "sleep");
+  lua_pushnumber(L, delay);
+  return 2;
+}
+
+int policy_open(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"backoff", l_backoff},
+    {"retryable", l_retryable},
+    {"retry_decision", l_retry_decision},
+    {"is_terminal", l_is_terminal},
+    {"monitor_decision", l_monitor_decision},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}

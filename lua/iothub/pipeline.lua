@@ -1,0 +1,152 @@
+--- The request pipeline shared by JobClient and Registry:
+-- authorize -> build (C core) -> send (transport) -> retry decision (C core) -> decode.
+-- @module iothub.pipeline
+local core = require "iothub.core"
+local errors = require "iothub.errors"
+local Scheduler = require "iothub.scheduler"
+
+local Pipeline = {}
+Pipeline.__index = Pipeline
+
+local CONTENT_TYPE = "application/json; charset=utf-8"
+
+function Pipeline.new(cfg)
+  return setmetatable({ cfg = cfg }, Pipeline)
+end
+
+-- The default transport is created on first use, so requiring the module does no I/O and
+-- loads libcurl only when a request is actually made.
+function Pipeline:transport()
+  local t = self.cfg.transport
+  if not t then
+    local CurlTransport = require "iothub.transport.curl"
+    t = CurlTransport.new({ caFile = self.cfg.caFile, verify = self.cfg.verify,
+      proxy = self.cfg.proxy, noProxy = self.cfg.noProxy,
+      timeout = self.cfg.timeout, connectTimeout = self.cfg.connectTimeout })
+    self.cfg.transport = t
+  end
+  return t
+end
+
+--- How to wait right now: inside an iothub Scheduler task its timers; else a caller-supplied
+-- sleep (cqueues.sleep, ngx.sleep); else a plain blocking sleep.
+function Pipeline:sleep(seconds, override)
+  local sched = Scheduler.current()
+  if sched then return sched:sleep(seconds) end
+  local sleep = override or self.cfg.sleep or core.sleep
+  return sleep(seconds)
+end
+
+function Pipeline:now()
+  return self.cfg.clock.now()
+end
+
+-- One HTTP exchange, chosen to suit the caller: scheduler task -> curl multi; caller sleep
+-- -> cooperative polling; otherwise a blocking keep-alive request.
+function Pipeline:exchange(req, sleep)
+  local transport = self:transport()
+  local sched = Scheduler.current()
+  if sched and transport.submit then return sched:http(transport, req) end
+  sleep = sleep or self.cfg.sleep
+  if sleep and transport.requestCooperative then return transport:requestCooperative(req, sleep) end
+  return transport:request(req)
+end
+
+-- Retry-After in seconds; the HTTP-date form is not used by the hub and is ignored.
+local function retry_after_seconds(headers)
+  local n = tonumber(headers and headers["retry-after"])
+  if n and n >= 0 then return n end
+  return nil
+end
+
+--- Sends one operation, retrying transient failures.
+-- op = { operation=, target=, method=, path=, query={{k,v}}, headers={{k,v}}, body=,
+--        retry=(false disables), timeout=, onConflict=function(attempts) -> value | nil, err,
+--        raw=true to return the response instead of decoded JSON, sleep= }
+-- Returns decoded, response | nil, err.
+function Pipeline:send(op)
+  local cfg = self.cfg
+  local policy = cfg.retry
+  local max_attempts = op.retry == false and 1 or policy.maxAttempts
+  local started = self:now()
+  local deadline = started + policy.deadline
+  local attempt = 0
+  local query = { { "api-version", cfg.apiVersion } }
+  for _, pair in ipairs(op.query or {}) do query[#query + 1] = pair end
+
+  while true do
+    attempt = attempt + 1
+    local authorization, auth_err = cfg.credential:authorization(cfg.clock.time())
+    if not authorization then
+      auth_err.operation, auth_err.target = op.operation, op.target
+      return nil, auth_err
+    end
+    local request_id = core.uuid4()
+    local headers = {
+      { "Authorization", authorization },
+      { "Request-Id", request_id },
+      { "User-Agent", cfg.userAgent },
+      { "Accept", "application/json" },
+    }
+    if op.body then headers[#headers + 1] = { "Content-Type", CONTENT_TYPE } end
+    for _, pair in ipairs(op.headers or {}) do headers[#headers + 1] = pair end
+    local url, lines = core.build_request({ endpoint = cfg.endpoint, path = op.path,
+      query = query, headers = headers })
+    if not url then
+      return nil, errors.invalid(lines, op)
+    end
+    local context = { operation = op.operation, target = op.target, requestId = request_id }
+    local res, terr = self:exchange({ method = op.method, url = url, headers = lines, body = op.body,
+      timeout = op.timeout or cfg.timeout, connectTimeout = cfg.connectTimeout }, op.sleep)
+
+    local err
+    if res and res.status >= 200 and res.status < 300 then
+      if op.raw then return res, res end
+      if res.body == nil or res.body == "" then return true, res end
+      local decoded, msg = core.json_decode(res.body)
+      if decoded == nil then
+        return nil, errors.new({ kind = "protocol", code = "InvalidResponse", status = res.status,
+          operation = op.operation, target = op.target, requestId = request_id,
+          message = "the hub answered " .. res.status .. " with a body that is not valid JSON: " .. msg })
+      end
+      return decoded, res
+    elseif res then
+      err = errors.from_response(res, context)
+      if res.status == 409 and op.onConflict then
+        -- The request may have landed before: an earlier attempt whose response was lost, or
+        -- libcurl's own silent resend when a kept-alive connection drops. Find out instead of
+        -- reporting a false failure.
+        return op.onConflict(err)
+      end
+    else
+      err = errors.transport(terr, context)
+    end
+    err.attempts = attempt
+
+    local delay, why = core.retry_decision({
+      status = res and res.status or nil, network = res == nil and err.retryable,
+      attempt = attempt, maxAttempts = max_attempts, now = self:now(), deadline = deadline,
+      retryAfter = res and retry_after_seconds(res.headers) or nil,
+      base = policy.baseDelay, cap = policy.maxDelay, throttleBase = policy.throttleDelay,
+      jitter = policy.jitter, random = cfg.random(),
+    })
+    if not delay then
+      err.retryable = err.retryable and why ~= "not-retryable"
+      return nil, err
+    end
+    if cfg.onRetry then
+      cfg.onRetry({ operation = op.operation, target = op.target, attempt = attempt,
+        delay = delay, error = err })
+    end
+    self:sleep(delay, op.sleep)
+  end
+end
+
+--- Like send, but returns just the value, or nil, err (what public methods hand back).
+function Pipeline:call(op)
+  local value, err = self:send(op)
+  if value == nil then return nil, err end
+  return value
+end
+
+return Pipeline

@@ -1,0 +1,129 @@
+--- Registry: what an operator needs around jobs — device identities, twins, twin queries and
+-- direct methods. Names follow the Node SDK's Registry and Client.
+-- @classmod iothub.Registry
+local core = require "iothub.core"
+local errors = require "iothub.errors"
+local Pager = require "iothub.pager"
+local JobClient = require "iothub.jobs"
+
+local Registry = {}
+Registry.__index = Registry
+require("iothub.client").add_constructors(Registry)
+
+-- Device ids: at most 128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '
+local function check_device_id(device_id, operation)
+  if type(device_id) ~= "string" then error("deviceId must be a string, got " .. type(device_id), 3) end
+  local message
+  if device_id == "" then
+    message = "deviceId must not be empty"
+  elseif #device_id > 128 then
+    message = "deviceId is " .. #device_id .. " characters long; IoT Hub allows at most 128"
+  else
+    local bad = device_id:find("[^%w%-:%.%+%%_#%*%?!%(%),=@;%$']")
+    if bad then
+      message = ("deviceId '%s' has a character IoT Hub does not allow at position %d; use letters, digits and - : . + %% _ # * ? ! ( ) , = @ ; $ '")
+        :format(device_id:sub(1, 64), bad)
+    end
+  end
+  if message then return nil, errors.invalid(message, { operation = operation, target = device_id }) end
+  return true
+end
+
+local function send(self, op)
+  return self.pipeline:call(op)
+end
+
+--- Reads a device twin.
+function Registry:getTwin(deviceId)
+  local ok, err = check_device_id(deviceId, "getTwin")
+  if not ok then return nil, err end
+  return send(self, { operation = "getTwin", target = deviceId, method = "GET", path = { "twins", deviceId } })
+end
+
+--- Merges patch into the twin (tags, properties.desired; null deletes a key).
+-- @param[opt] etag the twin's etag for optimistic concurrency; "*" (default) forces the update
+function Registry:updateTwin(deviceId, patch, etag)
+  local ok, err = check_device_id(deviceId, "updateTwin")
+  if not ok then return nil, err end
+  if type(patch) ~= "table" then error("patch must be a table, got " .. type(patch), 2) end
+  if etag ~= nil and type(etag) ~= "string" then error("etag must be a string", 2) end
+  local body, msg = core.json_encode(patch)
+  if not body then return nil, errors.invalid("patch cannot be sent: " .. msg, { operation = "updateTwin", target = deviceId }) end
+  etag = etag or "*"
+  -- Sent quoted, as the Node SDK does, unless the caller already quoted it.
+  if etag:sub(1, 1) ~= '"' then etag = '"' .. etag .. '"' end
+  return send(self, { operation = "updateTwin", target = deviceId, method = "PATCH",
+    path = { "twins", deviceId }, body = body, headers = { { "If-Match", etag } } })
+end
+
+--- Iterates the results of a twin query (a full `SELECT … FROM devices …`), across pages.
+-- Same iterator contract as JobClient:queryJobs.
+function Registry:queryTwins(query, opts)
+  if type(query) ~= "string" then error("query must be a string, got " .. type(query), 2) end
+  opts = opts or {}
+  local page_size = opts.pageSize or self.cfg.pageSize
+  if query == "" then
+    local err = errors.invalid("query must not be empty, e.g. SELECT * FROM devices", { operation = "queryTwins" })
+    return Pager.new(function() return nil, err end)
+  end
+  local body = core.json_encode({ query = query })
+  return Pager.query(page_size, function(headers)
+    return self.pipeline:send({ operation = "queryTwins", method = "POST", path = { "devices", "query" },
+      headers = headers, body = body })
+  end)
+end
+
+--- Invokes a direct method on one device and returns { status=, payload= } as the device
+-- answered (the device's own status is inside; HTTP errors are hub-side failures).
+function Registry:invokeDeviceMethod(deviceId, methodParams)
+  local ok, err = check_device_id(deviceId, "invokeDeviceMethod")
+  if not ok then return nil, err end
+  local method
+  method, err = JobClient.methodParams(methodParams, "invokeDeviceMethod", deviceId)
+  if not method then return nil, err end
+  local body = core.json_encode({
+    methodName = method.methodName,
+    payload = method.payload == nil and core.null or method.payload,
+    responseTimeoutInSeconds = method.responseTimeoutInSeconds,
+    connectTimeoutInSeconds = method.connectTimeoutInSeconds,
+  })
+  -- The hub may hold the request for the connect plus response timeouts; wait a little longer.
+  local wait = method.responseTimeoutInSeconds + (method.connectTimeoutInSeconds or 0) + 10
+  return send(self, { operation = "invokeDeviceMethod", target = deviceId, method = "POST",
+    path = { "twins", deviceId, "methods" }, body = body,
+    timeout = math.max(wait, self.cfg.timeout),
+    -- Re-running a method is not ours to decide: only retry what surely never reached the device.
+    retry = false })
+end
+
+--- Creates a device identity. device = { deviceId = "…", status = "enabled", … }; the hub
+-- generates symmetric keys when none are given. Returns the device as created.
+function Registry:create(device)
+  if type(device) ~= "table" then error("device must be a table, got " .. type(device), 2) end
+  local ok, err = check_device_id(device.deviceId, "create")
+  if not ok then return nil, err end
+  local body, msg = core.json_encode(device)
+  if not body then return nil, errors.invalid("device cannot be sent: " .. msg, { operation = "create", target = device.deviceId }) end
+  return send(self, { operation = "create", target = device.deviceId, method = "PUT",
+    path = { "devices", device.deviceId }, body = body })
+end
+
+--- Reads a device identity.
+function Registry:get(deviceId)
+  local ok, err = check_device_id(deviceId, "get")
+  if not ok then return nil, err end
+  return send(self, { operation = "get", target = deviceId, method = "GET", path = { "devices", deviceId } })
+end
+
+--- Deletes a device identity (unconditionally, If-Match "*"). Returns true or nil, err.
+function Registry:delete(deviceId)
+  local ok, err = check_device_id(deviceId, "delete")
+  if not ok then return nil, err end
+  local result
+  result, err = send(self, { operation = "delete", target = deviceId, method = "DELETE",
+    path = { "devices", deviceId }, headers = { { "If-Match", '"*"' } } })
+  if result == nil then return nil, err end
+  return true
+end
+
+return Registry
