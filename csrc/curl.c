@@ -278,24 +278,25 @@ static void xfer_clear(xfer *x) {
   x->slist = NULL;
 }
 
+/* "METHOD scheme://host:port" by plain string work: it runs on every request, and the URLs are
+ * ours (built by the client), so a full URL parse would only cost time. Never the path or query. */
 static void set_where(xfer *x, const char *method, const char *url) {
-  CURLU *u = curl_url();
-  char *scheme = NULL, *host = NULL, *port = NULL;
-  if (u && curl_url_set(u, CURLUPART_URL, url, CURLU_GUESS_SCHEME | CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK &&
-      curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
-      curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK) {
-    /* unknown schemes have no default port */
-    if (curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
-      snprintf(x->where, sizeof x->where, "%s %s://%s:%s", method, scheme, host, port);
-    else
-      snprintf(x->where, sizeof x->where, "%s %s://%s", method, scheme, host);
-  } else {
+  const char *sep = strstr(url, "://");
+  const char *host, *end, *colon;
+  const char *dflt = "";
+  if (!sep) {
     snprintf(x->where, sizeof x->where, "%s <invalid URL>", method);
+    return;
   }
-  curl_free(scheme);
-  curl_free(host);
-  curl_free(port);
-  curl_url_cleanup(u);
+  host = sep + 3;
+  end = host + strcspn(host, "/?#");
+  colon = memchr(host, ']', (size_t)(end - host)); /* skip an IPv6 literal's colons */
+  colon = memchr(colon ? colon : host, ':', (size_t)(end - (colon ? colon : host)));
+  if (!colon) {
+    if ((size_t)(sep - url) == 5 && strncmp(url, "https", 5) == 0) dflt = ":443";
+    else if ((size_t)(sep - url) == 4 && strncmp(url, "http", 4) == 0) dflt = ":80";
+  }
+  snprintf(x->where, sizeof x->where, "%s %.*s%s", method, (int)(end - url), url, dflt);
 }
 
 static long to_ms(double seconds) {
