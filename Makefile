@@ -46,10 +46,19 @@ $(BUILD)/iothub/curl.so: $(CURL_SRC) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -I$(LUA_INCDIR) -Icsrc $(CURL_CFLAGS) $(LIBFLAG) -o $@ $(CURL_SRC) $(CURL_LIBS)
 
-# The test command README.md documents: both interpreters, plus lint.
-test: both
-	$(BUSTED) --lua=$(LUA) -o utfTerminal spec
-	$(BUSTED) --lua=$(LUAJIT) -r luajit -o utfTerminal spec
+# The test command README.md documents: build, lint, busted under Lua 5.4 and LuaJIT.
+test:
+	bash .ci/test
+
+# Runs the seed tutorial's flow against the local emulator (starts and stops it).
+demo: both
+	bash examples/demo.sh
+
+bench: both
+	$(LUA) bench/getjob.lua
+	$(LUA) bench/device_rows.lua
+	$(LUAJIT) bench/getjob.lua
+	$(LUAJIT) bench/device_rows.lua
 
 test-lua54: all
 	$(BUSTED) --lua=$(LUA) spec
