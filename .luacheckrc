@@ -7,3 +7,5 @@ read_globals = { "jit", "unpack", math = { fields = { "type", "tointeger" } } }
 files["spec/"] = { std = "+busted" }
 files["spec/support/server/"] = { std = "+ngx_lua" }
 files["bench/"] = { allow_defined_top = true }
+-- The emulator runs inside nginx's LuaJIT.
+files["emulator/"] = { std = "ngx_lua" }

@@ -10,7 +10,8 @@ local KEY = "cGFzc3dvcmQ=" -- base64("password"), the reference's test key
 local CS = "HostName=" .. HOST .. ";SharedAccessKeyName=iothubowner;SharedAccessKey=" .. KEY
 -- With the clock at 1700000000 - 3600 a fresh token expires at 1700000000: the reference's
 -- worked example, so the whole header is a known answer.
-local EXPECTED_AUTH = "SharedAccessSignature sr=myhub.azure-devices.net&sig=QSsTq4hIq8YzaKkHvHYM34vUvXN2XD%2FX%2Byr4pyjF%2ByY%3D&se=1700000000&skn=iothubowner"
+local EXPECTED_AUTH = "SharedAccessSignature sr=myhub.azure-devices.net" ..
+  "&sig=QSsTq4hIq8YzaKkHvHYM34vUvXN2XD%2FX%2Byr4pyjF%2ByY%3D&se=1700000000&skn=iothubowner"
 local UUID = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
 
 local function make(script, opts)
@@ -235,7 +236,9 @@ describe("JobClient validation before any I/O", function()
     refused(function(j) return j:scheduleDeviceMethod("j1", "*", { methodName = "m", responseTimeoutInSeconds = 4 }) end, "5 and 300")
     refused(function(j) return j:scheduleDeviceMethod("j1", "*", { methodName = "m", responseTimeoutInSeconds = 301 }) end, "5 and 300")
     refused(function(j) return j:scheduleDeviceMethod("j1", "*", { methodName = "m", connectTimeoutInSeconds = 301 }) end, "0 and 300")
-    refused(function(j) return j:scheduleDeviceMethod("j1", "*", { methodName = "m", payload = { blob = ("x"):rep(131072) } }) end, "128 KB")
+    refused(function(j)
+      return j:scheduleDeviceMethod("j1", "*", { methodName = "m", payload = { blob = ("x"):rep(131072) } })
+    end, "128 KB")
     refused(function(j) return j:scheduleDeviceMethod("j1", "*", { methodName = "" }) end, "methodName")
     refused(function(j) return j:scheduleDeviceMethod("j1", "*", { methodName = "m", responseTimeout = 5 }) end, "unknown field")
   end)

@@ -23,7 +23,8 @@ local NET = { err = { kind = "network", code = "CURLE_COULDNT_CONNECT", message 
 describe("service errors", function()
   it("parses envelope A with the iothub-errorcode header", function()
     local jobs = make({ { status = 404, headers = { ["iothub-errorcode"] = "DeviceNotFound" },
-      body = '{"Message":"ErrorCode:DeviceNotFound;Device x was not found","ExceptionMessage":"Tracking ID:abc123-G:5-TimeStamp:01/18/2017 08:11:45"}' } })
+      body = '{"Message":"ErrorCode:DeviceNotFound;Device x was not found",' ..
+        '"ExceptionMessage":"Tracking ID:abc123-G:5-TimeStamp:01/18/2017 08:11:45"}' } })
     local _, err = jobs:getJob("job01")
     assert.equal("service", err.kind)
     assert.equal(404, err.status)

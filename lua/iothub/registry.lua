@@ -21,8 +21,8 @@ local function check_device_id(device_id, operation)
   else
     local bad = device_id:find("[^%w%-:%.%+%%_#%*%?!%(%),=@;%$']")
     if bad then
-      message = ("deviceId '%s' has a character IoT Hub does not allow at position %d; use letters, digits and - : . + %% _ # * ? ! ( ) , = @ ; $ '")
-        :format(device_id:sub(1, 64), bad)
+      message = ("deviceId '%s' has a character IoT Hub does not allow at position %d; " ..
+        "use letters, digits and - : . + %% _ # * ? ! ( ) , = @ ; $ '"):format(device_id:sub(1, 64), bad)
     end
   end
   if message then return nil, errors.invalid(message, { operation = operation, target = device_id }) end
