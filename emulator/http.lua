@@ -1,0 +1,307 @@
+-- Request routing, auth, paging and error rendering for the emulator.
+--   init_by_lua:    require("emulator.http").init{ host=, key=, policy=, devices=, log=, ... }
+--   content_by_lua: require("emulator.http").handle()
+local util = require "emulator.util"
+local errors = require "emulator.errors"
+local auth = require "emulator.auth"
+local registry = require "emulator.registry"
+local methods = require "emulator.methods"
+local jobs = require "emulator.jobs"
+local query = require "emulator.query"
+local devices_file = require "emulator.devices_file"
+
+local core = util.core
+local M = {}
+
+local settings = { max_page = 1000, default_page = 100 }
+
+function M.init(opts)
+  local seed = 0
+  for b in util.random_bytes(4):gmatch(".") do seed = seed * 256 + b:byte() end
+  math.randomseed(seed)
+  util.set_log_path(opts.log)
+  auth.configure({ host = opts.host, policies = { [opts.policy or "iothubowner"] = opts.key } })
+  jobs.configure({ rate = opts.job_rate, queue_delay = opts.queue_delay, max_active = opts.max_active_jobs })
+  if opts.devices and opts.devices ~= "" then
+    local defs, err = devices_file.load(opts.devices)
+    if not defs then error("devices file " .. opts.devices .. ": " .. tostring(err), 0) end
+    for _, def in ipairs(defs) do assert(registry.add(def)) end
+    util.log("hub", string.format("%d simulated device(s) from %s", #defs, opts.devices))
+  end
+end
+
+---------------------------------------------------------------------------
+-- Responses
+
+local JSON_TYPE = "application/json; charset=utf-8"
+
+local function send(status, value, headers)
+  ngx.status = status
+  ngx.header["Content-Type"] = JSON_TYPE
+  ngx.header["x-ms-request-id"] = core.uuid4()
+  for k, v in pairs(headers or {}) do ngx.header[k] = v end
+  if value ~= nil then
+    local body, err = util.json_encode(value)
+    if not body then error("cannot encode the response: " .. tostring(err)) end
+    ngx.header["Content-Length"] = #body
+    ngx.print(body)
+  end
+end
+
+local function tracking_id(t)
+  return (core.uuid4():gsub("-", "")) .. "-G:0-TimeStamp:" .. os.date("!%m/%d/%Y %H:%M:%S", math.floor(t))
+end
+
+-- Envelope B inside Message, as the current service sends it, plus the header the
+-- .NET SDK cross-checks against the numeric code.
+local function send_error(err)
+  local t = util.now()
+  local inner = { errorCode = err.code, trackingId = tracking_id(t), message = err.message, timestampUtc = util.iso(t) }
+  if err.info then inner.info = err.info end
+  send(err.status, { Message = util.json_encode(inner), ExceptionMessage = "" },
+    { ["iothub-errorcode"] = err.name })
+end
+M.send_error = send_error
+
+local function read_body()
+  ngx.req.read_body()
+  local data = ngx.req.get_body_data()
+  if not data then
+    local path = ngx.req.get_body_file()
+    if path then
+      local f = io.open(path, "rb")
+      if f then data = f:read("*a"); f:close() end
+    end
+  end
+  return data
+end
+
+-- Returns the decoded JSON body, nil for an empty optional body, or raises an error object.
+local function json_body(required)
+  local data = read_body()
+  if not data or data:match("^%s*$") then
+    if required then error(errors.new("ArgumentNull", "The request body is empty."), 0) end
+    return nil
+  end
+  local v, err = util.json_decode(data)
+  if v == nil then error(errors.new("IotHubFormatError", "The request body is not valid JSON: " .. tostring(err)), 0) end
+  return v
+end
+
+local function check(v, err)
+  if v == nil then error(err, 0) end
+  return v
+end
+
+---------------------------------------------------------------------------
+-- Paging: x-ms-max-item-count / x-ms-continuation (an opaque base64 offset)
+
+local function encode_token(offset)
+  return core.base64_encode("emu1:" .. offset)
+end
+
+local function decode_token(tok)
+  local raw = core.base64_decode(tok)
+  local offset = raw and tonumber(raw:match("^emu1:(%d+)$"))
+  if not offset then error(errors.new("ArgumentInvalid", "The continuation token is not valid."), 0) end
+  return offset
+end
+
+local function send_page(items, item_type, headers_in)
+  local size = tonumber(headers_in["x-ms-max-item-count"]) or settings.default_page
+  size = math.max(1, math.min(settings.max_page, math.floor(size)))
+  local offset = 0
+  local tok = headers_in["x-ms-continuation"]
+  if type(tok) == "table" then tok = tok[1] end
+  if tok and tok ~= "" then offset = decode_token(tok) end
+  local page = {}
+  for i = offset + 1, math.min(#items, offset + size) do page[#page + 1] = items[i] end
+  local headers = { ["x-ms-item-type"] = item_type }
+  if offset + size < #items then headers["x-ms-continuation"] = encode_token(offset + size) end
+  send(200, util.array(page), headers)
+end
+
+---------------------------------------------------------------------------
+-- Handlers: fn(req) where req = { method, segs, params, headers, args }
+
+local function if_match(req)
+  local v = req.headers["if-match"]
+  if type(v) == "table" then v = v[1] end
+  return v
+end
+
+local H = {}
+
+function H.health()
+  send(200, { status = "ok", devices = #registry.list() })
+end
+
+function H.put_device(req)
+  local dev = check(registry.put_device(req.params[1], json_body(false), if_match(req)))
+  send(200, registry.device_json(dev))
+end
+
+function H.get_device(req)
+  local dev = check(registry.lookup(req.params[1]))
+  send(200, registry.device_json(dev))
+end
+
+function H.delete_device(req)
+  check(registry.delete_device(req.params[1], if_match(req)))
+  send(204)
+end
+
+local function send_twin(dev)
+  local twin = registry.twin_json(dev)
+  send(200, twin, { ETag = '"' .. twin.etag .. '"' })
+end
+
+function H.get_twin(req)
+  send_twin(check(registry.lookup(req.params[1])))
+end
+
+function H.patch_twin(req)
+  send_twin(check(registry.update_twin(req.params[1], json_body(true), if_match(req), false)))
+end
+
+function H.put_twin(req)
+  send_twin(check(registry.update_twin(req.params[1], json_body(true), if_match(req), true)))
+end
+
+function H.invoke_method(req)
+  local dev = check(registry.lookup(req.params[1]))
+  local m = check(methods.validate(json_body(true)))
+  send(200, check(methods.invoke(dev, m)))
+end
+
+function H.query_devices(req)
+  local body = json_body(true)
+  if not util.is_object(body) or type(body.query) ~= "string" then
+    error(errors.new("ArgumentInvalid", "The body must be {\"query\": \"SELECT ...\"}."), 0)
+  end
+  local plan, perr = query.parse(body.query)
+  if not plan then
+    error(errors.new("ArgumentInvalid", "The query is invalid: " .. perr), 0)
+  end
+  local docs, item_type
+  if plan.collection == "devices.jobs" then
+    docs, item_type = jobs.device_rows(), "DeviceJob"
+  else
+    docs, item_type = {}, "Twin"
+    for _, dev in ipairs(registry.list()) do docs[#docs + 1] = registry.twin_json(dev) end
+  end
+  send_page(query.filter(plan, docs), item_type, req.headers)
+end
+
+function H.create_job(req)
+  send(200, check(jobs.create(req.params[1], json_body(true))))
+end
+
+function H.get_job(req)
+  send(200, check(jobs.get(req.params[1])))
+end
+
+function H.cancel_job(req)
+  send(200, check(jobs.cancel(req.params[1])))
+end
+
+function H.list_jobs(req)
+  local function arg(name)
+    local v = req.args[name]
+    if type(v) == "table" then v = v[1] end
+    return type(v) == "string" and v or nil
+  end
+  send_page(jobs.list(arg("jobType"), arg("jobStatus")), "JobResponse", req.headers)
+end
+
+-- { method, pattern (":id" captures a segment), handler, public }
+local ROUTES = {
+  { "GET", "/_emulator/health", H.health, true },
+  { "POST", "/devices/query", H.query_devices },
+  { "PUT", "/devices/:id", H.put_device },
+  { "GET", "/devices/:id", H.get_device },
+  { "DELETE", "/devices/:id", H.delete_device },
+  { "GET", "/twins/:id", H.get_twin },
+  { "PATCH", "/twins/:id", H.patch_twin },
+  { "PUT", "/twins/:id", H.put_twin },
+  { "POST", "/twins/:id/methods", H.invoke_method },
+  { "GET", "/jobs/v2/query", H.list_jobs },
+  { "PUT", "/jobs/v2/:id", H.create_job },
+  { "GET", "/jobs/v2/:id", H.get_job },
+  { "POST", "/jobs/v2/:id/cancel", H.cancel_job },
+}
+
+local function split(path)
+  local segs = {}
+  for s in path:gmatch("[^/]+") do segs[#segs + 1] = s end
+  return segs
+end
+
+for _, r in ipairs(ROUTES) do r.segs = split(r[2]) end
+
+local function match(method, segs)
+  local path_known = false
+  for _, r in ipairs(ROUTES) do
+    if #r.segs == #segs then
+      local params, ok = {}, true
+      for i, p in ipairs(r.segs) do
+        if p == ":id" then
+          params[#params + 1] = segs[i]
+        elseif p ~= segs[i] then
+          ok = false
+          break
+        end
+      end
+      if ok then
+        if r[1] == method then return r, params end
+        path_known = true
+      end
+    end
+  end
+  return nil, path_known
+end
+
+local function dispatch()
+  local method = ngx.req.get_method()
+  local raw_path = ngx.var.request_uri:match("^[^?]*")
+  local segs = {}
+  for i, s in ipairs(split(raw_path)) do segs[i] = ngx.unescape_uri(s) end
+  local route, params = match(method, segs)
+  if not route then
+    local what = params and "is not supported on this path" or "is not an IoT Hub API the emulator knows"
+    error(errors.new("InvalidOperation", method .. " " .. raw_path .. " " .. what .. "."), 0)
+  end
+  local headers = ngx.req.get_headers(100)
+  -- Conditional headers are the emulator's business: left in place, nginx's
+  -- not_modified filter would answer 412 itself when a response carries an ETag.
+  for _, h in ipairs({ "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since" }) do
+    ngx.req.clear_header(h)
+  end
+  if not route[4] then
+    local ok, why = auth.check(headers["authorization"], ngx.var.uri)
+    if not ok then
+      ngx.log(ngx.WARN, "401 for ", method, " ", raw_path, ": ", why)
+      error(errors.new("IotHubUnauthorizedAccess", "Unauthorized"), 0)
+    end
+  end
+  local args = ngx.req.get_uri_args(100)
+  if not route[4] then
+    local v = args["api-version"]
+    if type(v) == "table" then v = v[1] end
+    if type(v) ~= "string" or v == "" then
+      error(errors.new("InvalidProtocolVersion", "The api-version query parameter is required (for example 2021-04-12)."), 0)
+    end
+  end
+  route[3]({ method = method, segs = segs, params = params, headers = headers, args = args })
+end
+
+function M.handle()
+  local ok, err = xpcall(dispatch, function(e)
+    if errors.is_error(e) then return e end
+    ngx.log(ngx.ERR, debug.traceback(tostring(e), 2))
+    return errors.new("ServerError", "Emulator internal error: " .. tostring(e))
+  end)
+  if not ok then send_error(err) end
+end
+
+return M
