@@ -57,6 +57,7 @@ demo: both
 bench: both
 	$(LUA) bench/getjob.lua
 	$(LUA) bench/device_rows.lua
+	$(LUA) bench/monitors.lua
 	$(LUAJIT) bench/getjob.lua
 	$(LUAJIT) bench/device_rows.lua
 
