@@ -1,22 +1,15 @@
 -- Streams device-job rows through deviceJobs and prints throughput and peak RSS as it goes,
 -- to show memory stays flat (one page in memory at a time).
 -- Run: make bench   (or lua5.4 bench/device_rows.lua [rows] [pageSize])
-package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
-local build = jit and "build/luajit/?.so;" or "build/5.4/?.so;"
-package.cpath = build .. package.cpath
-
-local core = require "iothub.core"
-local server = require "support.server"
-local iothub = require "iothub"
+package.path = "bench/?.lua;" .. package.path
+local common = require "common"
+local core = common.core
 
 local rows = tonumber(arg and arg[1]) or 1000000
 local page_size = tonumber(arg and arg[2]) or 1000
-local srv = server.start()
-local ok, err = pcall(function()
-  local jobs = assert(iothub.JobClient.fromConnectionString(
-    "HostName=bench.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=cGFzc3dvcmQ=",
-    { endpoint = srv.http_url .. "/sim" }))
-  print(("interpreter   %s; %d rows, pages of %d"):format(jit and jit.version or _VERSION, rows, page_size))
+common.run(function(srv, client_for)
+  local jobs = client_for(srv.http_url)
+  print(("interpreter   %s; %d rows, pages of %d"):format(common.interpreter, rows, page_size))
   local n, succeeded = 0, 0
   local wall0, cpu0 = core.monotime(), core.cputime()
   local step = math.max(1, math.floor(rows / 5))
@@ -33,5 +26,3 @@ local ok, err = pcall(function()
   print(("rows/s        %.0f (client CPU %.1f s, wall %.1f s)"):format(n / wall, core.cputime() - cpu0, wall))
   print(("peak RSS      %.1f MB"):format(core.maxrss() / 1024))
 end)
-srv:stop()
-if not ok then error(err, 0) end

@@ -237,21 +237,28 @@ end
 -- @param[opt] startTime nil (now), epoch seconds or ISO-8601 string
 -- @param[opt] maxExecutionTimeInSeconds default 3600
 -- @return the job as the hub answered, or nil, err
-function JobClient:scheduleDeviceMethod(jobId, queryCondition, methodParams, startTime, maxExecutionTimeInSeconds)
-  local op = "scheduleDeviceMethod"
+-- Checks what every job request shares; returns the start time (UTC "...Z") and the
+-- execution limit, or nil, err.
+function JobClient:_check_common(op, jobId, queryCondition, startTime, maxExecutionTimeInSeconds)
   local ok, err = check_job_id(jobId, op)
   if not ok then return nil, err end
   ok, err = check_condition(queryCondition, op, jobId)
   if not ok then return nil, err end
-  local method
-  method, err = JobClient.methodParams(methodParams, op, jobId)
-  if not method then return nil, err end
   local start
   start, err = self:_start_time(startTime, op, jobId)
   if not start then return nil, err end
   local max_exec
   max_exec, err = max_execution(maxExecutionTimeInSeconds, op, jobId)
   if not max_exec then return nil, err end
+  return start, max_exec
+end
+
+function JobClient:scheduleDeviceMethod(jobId, queryCondition, methodParams, startTime, maxExecutionTimeInSeconds)
+  local op = "scheduleDeviceMethod"
+  local start, max_exec = self:_check_common(op, jobId, queryCondition, startTime, maxExecutionTimeInSeconds)
+  if not start then return nil, max_exec end
+  local method, err = JobClient.methodParams(methodParams, op, jobId)
+  if not method then return nil, err end
   return self:_schedule(op, { jobId = jobId, type = "scheduleDeviceMethod",
     cloudToDeviceMethod = method, queryCondition = queryCondition, startTime = start,
     maxExecutionTimeInSeconds = max_exec })
@@ -261,19 +268,10 @@ end
 -- @param patch { tags=, properties = { desired = } } (etag "*" is added)
 function JobClient:scheduleTwinUpdate(jobId, queryCondition, patch, startTime, maxExecutionTimeInSeconds)
   local op = "scheduleTwinUpdate"
-  local ok, err = check_job_id(jobId, op)
-  if not ok then return nil, err end
-  ok, err = check_condition(queryCondition, op, jobId)
-  if not ok then return nil, err end
-  local twin
-  twin, err = JobClient.twinPatch(patch, op, jobId)
+  local start, max_exec = self:_check_common(op, jobId, queryCondition, startTime, maxExecutionTimeInSeconds)
+  if not start then return nil, max_exec end
+  local twin, err = JobClient.twinPatch(patch, op, jobId)
   if not twin then return nil, err end
-  local start
-  start, err = self:_start_time(startTime, op, jobId)
-  if not start then return nil, err end
-  local max_exec
-  max_exec, err = max_execution(maxExecutionTimeInSeconds, op, jobId)
-  if not max_exec then return nil, err end
   return self:_schedule(op, { jobId = jobId, type = "scheduleUpdateTwin", updateTwin = twin,
     queryCondition = queryCondition, startTime = start, maxExecutionTimeInSeconds = max_exec })
 end
