@@ -2,11 +2,21 @@
 #ifndef IOTHUB_COMMON_H
 #define IOTHUB_COMMON_H
 
+#include <stdarg.h>
 #include "compat.h"
 
 /* Runtime failure convention (luv/LuaSocket): push nil, message, code; return 3.
- * Misuse (wrong argument types) raises through luaL_arg* instead. */
-int iothub_fail(lua_State *L, const char *code, const char *fmt, ...);
+ * Misuse (wrong argument types) raises through luaL_arg* instead. Inline so that both
+ * modules (iothub.core and iothub.curl, separate .so files) share one definition. */
+static inline int iothub_fail(lua_State *L, const char *code, const char *fmt, ...) {
+  va_list ap;
+  lua_pushnil(L);
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  lua_pushstring(L, code);
+  return 3;
+}
 
 /* Each concern registers its functions into the module table at the top of the stack. */
 int sas_open(lua_State *L);      /* sas.c: HMAC-SHA256, SAS tokens, connection strings */

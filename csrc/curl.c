@@ -18,16 +18,6 @@
 #define KEEP_BUFFER_BYTES  ((size_t)1024 * 1024) /* larger buffers are freed after use */
 #define MULTI_POOL_MAX     64
 
-/* This .so does not link core.c, so it carries its own copy of the convention. */
-static int curl_fail(lua_State *L, const char *code, const char *fmt, ...) {
-  va_list ap;
-  lua_pushnil(L);
-  va_start(ap, fmt);
-  lua_pushvfstring(L, fmt, ap);
-  va_end(ap);
-  lua_pushstring(L, code);
-  return 3;
-}
 
 static const char *curle_name(CURLcode rc) {
   switch (rc) {
@@ -487,7 +477,7 @@ static int l_easy(lua_State *L) {
   e->closed = 1;
   memset(&e->x, 0, sizeof e->x);
   luaL_setmetatable(L, EASY_MT);
-  if (!xfer_init(&e->x)) return curl_fail(L, "CURLE_FAILED_INIT", "curl_easy_init failed");
+  if (!xfer_init(&e->x)) return iothub_fail(L, "CURLE_FAILED_INIT", "curl_easy_init failed");
   e->closed = 0;
   return 1;
 }
@@ -568,7 +558,7 @@ static multi_ud *check_multi(lua_State *L) {
 }
 
 static int multi_fail(lua_State *L, const char *what, CURLMcode mc) {
-  return curl_fail(L, curlm_name(mc), "%s: %s (%s)", what, curl_multi_strerror(mc), curlm_name(mc));
+  return iothub_fail(L, curlm_name(mc), "%s: %s (%s)", what, curl_multi_strerror(mc), curlm_name(mc));
 }
 
 static void xfer_destroy(xfer *x) {
@@ -640,7 +630,7 @@ static int l_multi(lua_State *L) {
   mu->closed = 1;
   luaL_setmetatable(L, MULTI_MT);
   mu->m = curl_multi_init();
-  if (!mu->m) return curl_fail(L, "CURLM_OUT_OF_MEMORY", "curl_multi_init failed");
+  if (!mu->m) return iothub_fail(L, "CURLM_OUT_OF_MEMORY", "curl_multi_init failed");
   mu->closed = 0;
   if (maxHost) curl_multi_setopt(mu->m, CURLMOPT_MAX_HOST_CONNECTIONS, (long)maxHost);
   if (maxTotal) curl_multi_setopt(mu->m, CURLMOPT_MAX_TOTAL_CONNECTIONS, (long)maxTotal);
@@ -660,10 +650,10 @@ static int multi_add(lua_State *L) {
     mu->npool--;
   } else {
     x = (xfer *)malloc(sizeof *x);
-    if (!x) return curl_fail(L, "CURLE_OUT_OF_MEMORY", "%s: out of memory", s.method);
+    if (!x) return iothub_fail(L, "CURLE_OUT_OF_MEMORY", "%s: out of memory", s.method);
     if (!xfer_init(x)) {
       free(x);
-      return curl_fail(L, "CURLE_FAILED_INIT", "%s: curl_easy_init failed", s.method);
+      return iothub_fail(L, "CURLE_FAILED_INIT", "%s: curl_easy_init failed", s.method);
     }
   }
   rc = xfer_setup(L, x, &s);
