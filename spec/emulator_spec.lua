@@ -2,42 +2,19 @@
 -- examples/devices.lua on free ports and talks to it over real HTTP with the curl CLI.
 --   busted --lua=lua5.4 spec/emulator_spec.lua
 local core = require "iothub.core"
+local shell = require "support.shell"
+local sh_quote, run, sleep = shell.quote, shell.run, shell.sleep
+local read_file, write_file, alive = shell.read_file, shell.write_file, shell.alive
 
 local KEY = "aW90aHViLWVtdWxhdG9yLWRldmVsb3BtZW50LWtleSE=" -- the launcher's default key
 local V = "api-version=2021-04-12"
 
-local function sh_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
 
 -- Runs a shell command; returns ok, output.
-local function run(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1; echo \"__rc=$?\""))
-  local out = p:read("*a")
-  p:close()
-  local rc = tonumber(out:match("__rc=(%d+)%s*$"))
-  return rc == 0, (out:gsub("__rc=%d+%s*$", ""))
-end
 
-local function sleep(s) run(string.format("sleep %.2f", s)) end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
-local function write_file(path, data)
-  local f = assert(io.open(path, "wb"))
-  f:write(data)
-  f:close()
-end
 
-local function alive(pid)
-  return (run("kill -0 " .. pid))
-end
 
 local ROOT = (function()
   local _, pwd = run("pwd")

@@ -1,9 +1,8 @@
 -- Every JobClient operation's exact request, its validation, and its results, against a
 -- recording transport and an injected clock.
 local iothub = require "iothub"
+local support = require "support.client"
 local json = require "iothub.json"
-local Recorder = require "support.recording_transport"
-local FakeClock = require "support.fake_clock"
 
 local HOST = "myhub.azure-devices.net"
 local KEY = "cGFzc3dvcmQ=" -- base64("password"), the reference's test key
@@ -14,13 +13,9 @@ local EXPECTED_AUTH = "SharedAccessSignature sr=myhub.azure-devices.net" ..
   "&sig=QSsTq4hIq8YzaKkHvHYM34vUvXN2XD%2FX%2Byr4pyjF%2ByY%3D&se=1700000000&skn=iothubowner"
 local UUID = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-4%x%x%x%-[89ab]%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
 
+-- With the clock at 1700000000 - 3600 a fresh token expires at 1700000000 (see EXPECTED_AUTH).
 local function make(script, opts)
-  local clock = FakeClock.new(1700000000 - 3600)
-  local rec = Recorder.new(script)
-  local o = { transport = rec, clock = clock, sleep = clock.sleep, random = function() return 0 end }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  local jobs = assert(iothub.JobClient.fromConnectionString(CS, o))
-  return jobs, rec, clock
+  return support.make(iothub.JobClient, script, opts, 1700000000 - 3600)
 end
 
 local function job_body(fields)

@@ -1,17 +1,11 @@
 -- monitorJob / watchJob decisions with an injected clock, and the C policy behind them.
 local iothub = require "iothub"
+local support = require "support.client"
 local core = require "iothub.core"
-local Recorder = require "support.recording_transport"
-local FakeClock = require "support.fake_clock"
 
-local CS = "HostName=myhub.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=cGFzc3dvcmQ="
 
 local function make(script)
-  local clock = FakeClock.new(1700000000)
-  local rec = Recorder.new(script)
-  local jobs = assert(iothub.JobClient.fromConnectionString(CS,
-    { transport = rec, clock = clock, sleep = clock.sleep, random = function() return 0 end }))
-  return jobs, rec, clock
+  return support.make(iothub.JobClient, script)
 end
 
 local function job(status, extra)

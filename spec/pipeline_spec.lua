@@ -1,20 +1,14 @@
 -- Errors, retries, idempotent job creation and credentials, with an injected clock.
 local iothub = require "iothub"
+local support = require "support.client"
 local errors = require "iothub.errors"
 local json = require "iothub.json"
 local Recorder = require "support.recording_transport"
 local FakeClock = require "support.fake_clock"
 
-local KEY = "cGFzc3dvcmQ="
-local CS = "HostName=myhub.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=" .. KEY
 
 local function make(script, opts)
-  local clock = FakeClock.new(1700000000 - 3600)
-  local rec = Recorder.new(script)
-  local o = { transport = rec, clock = clock, sleep = clock.sleep, random = function() return 0 end }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  local jobs = assert(iothub.JobClient.fromConnectionString(CS, o))
-  return jobs, rec, clock
+  return support.make(iothub.JobClient, script, opts, 1700000000 - 3600)
 end
 
 local JOB = { status = 200, body = { jobId = "job01", type = "scheduleDeviceMethod", status = "running" } }

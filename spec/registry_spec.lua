@@ -1,17 +1,11 @@
 -- Registry operations' exact requests against a recording transport.
 local iothub = require "iothub"
+local support = require "support.client"
 local json = require "iothub.json"
-local Recorder = require "support.recording_transport"
-local FakeClock = require "support.fake_clock"
 
-local CS = "HostName=myhub.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=cGFzc3dvcmQ="
 
 local function make(script)
-  local clock = FakeClock.new(1700000000)
-  local rec = Recorder.new(script)
-  local registry = assert(iothub.Registry.fromConnectionString(CS,
-    { transport = rec, clock = clock, sleep = clock.sleep, random = function() return 0 end }))
-  return registry, rec
+  return support.make(iothub.Registry, script)
 end
 
 describe("Registry", function()

@@ -7,6 +7,9 @@
 --   srv:script{ { status = 200, body = "{}" } }; srv:request_log(); srv:reset(); srv:stop()
 local cjson = require "cjson"
 local curl = require "iothub.curl"
+local shell = require "support.shell"
+local shell_quote, run, sleep = shell.quote, shell.run, shell.sleep
+local read_file, write_file, alive = shell.read_file, shell.write_file, shell.alive
 
 local M = {}
 local Server = {}
@@ -14,36 +17,11 @@ Server.__index = Server
 
 local MODULES = "/usr/lib/nginx/modules"
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
 
 -- Runs a shell command; returns ok, combined output (portable across 5.4 and LuaJIT).
-local function run(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1; echo \"__rc=$?\""))
-  local out = p:read("*a")
-  p:close()
-  local rc = tonumber(out:match("__rc=(%d+)%s*$"))
-  return rc == 0, (out:gsub("__rc=%d+%s*$", "")), rc
-end
 
-local function sleep(seconds)
-  run("sleep " .. string.format("%.3f", seconds))
-end
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
-local function write_file(path, data)
-  local f = assert(io.open(path, "wb"))
-  assert(f:write(data))
-  f:close()
-end
 
 local function this_dir()
   local src = debug.getinfo(1, "S").source:gsub("^@", "")
@@ -190,9 +168,6 @@ function Server:reset_stats() return json_call(self, "POST", "/stats/reset", "")
 
 function Server:error_log() return read_file(self.dir .. "/error.log") or "" end
 
-local function alive(pid)
-  return (run("kill -0 " .. pid))
-end
 
 function Server:stop()
   if self.stopped then return end
