@@ -10,7 +10,7 @@ local Pipeline = require "iothub.pipeline"
 local M = {}
 
 local function new_client(class, credential, host, opts)
-  local cfg, err = config.build(credential, host, opts, 4)
+  local cfg, err = config.build(credential, host, opts)
   if not cfg then return nil, err end
   return setmetatable({ cfg = cfg, pipeline = Pipeline.new(cfg) }, class)
 end
@@ -20,14 +20,14 @@ function M.add_constructors(class)
   --- From a service connection string (`HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`
   -- or `HostName=…;SharedAccessSignature=…`).
   function class.fromConnectionString(cs, opts)
-    local credential, host = config.credential_from_connection_string(cs, opts, 2)
+    local credential, host = config.credential_from_connection_string(cs, opts)
     if not credential then return nil, host end
     return new_client(class, credential, host, opts)
   end
 
   --- From a ready SAS token; the host is the token's `sr`.
   function class.fromSharedAccessSignature(sas, opts)
-    if type(sas) ~= "string" then error("shared access signature must be a string", 2) end
+    if type(sas) ~= "string" then errors.misuse("shared access signature must be a string") end
     local credential, msg = credentials.sas_token(sas)
     if not credential then
       return nil, errors.new({ kind = "invalid_argument", code = "InvalidToken", message = msg })
@@ -38,8 +38,8 @@ function M.add_constructors(class)
   --- With bearer tokens (Microsoft Entra ID): getToken() returns token, expiresOnEpochSeconds
   -- (or nil, message) and is called from Lua when the cached token is near expiry.
   function class.fromTokenCredential(hostName, getToken, opts)
-    if type(hostName) ~= "string" then error("hostName must be a string", 2) end
-    if type(getToken) ~= "function" then error("getToken must be a function", 2) end
+    if type(hostName) ~= "string" then errors.misuse("hostName must be a string") end
+    if type(getToken) ~= "function" then errors.misuse("getToken must be a function") end
     return new_client(class, credentials.bearer(getToken, opts and { renewBefore = opts.tokenRenewBefore }),
       hostName, opts)
   end

@@ -28,29 +28,28 @@ local RETRY_DEFAULTS = {
   deadline = 120,      -- seconds one operation may spend on retries in total
 }
 
-local function check_options(opts, level)
+local function check_options(opts)
   if opts == nil then return {} end
-  if type(opts) ~= "table" then error("options must be a table, got " .. type(opts), level + 1) end
+  if type(opts) ~= "table" then errors.misuse("options must be a table, got " .. type(opts)) end
   for name, value in pairs(opts) do
     local want = OPTION_TYPES[name]
     if not want then
       local known = {}
       for k in pairs(OPTION_TYPES) do known[#known + 1] = k end
       table.sort(known)
-      error("unknown option '" .. tostring(name) .. "' (known options: " .. table.concat(known, ", ") .. ")",
-        level + 1)
+      errors.misuse("unknown option '" .. tostring(name) .. "' (known options: " .. table.concat(known, ", ") .. ")")
     end
     if not want:find(type(value), 1, true) then
-      error("option '" .. name .. "' must be a " .. want:gsub("|", " or ") .. ", got " .. type(value), level + 1)
+      errors.misuse("option '" .. name .. "' must be a " .. want:gsub("|", " or ") .. ", got " .. type(value))
     end
   end
   if type(opts.retry) == "table" then
     for name, value in pairs(opts.retry) do
       if RETRY_DEFAULTS[name] == nil then
-        error("unknown retry option '" .. tostring(name) .. "'", level + 1)
+        errors.misuse("unknown retry option '" .. tostring(name) .. "'")
       end
       if type(value) ~= "number" or value < 0 then
-        error("retry option '" .. name .. "' must be a non-negative number", level + 1)
+        errors.misuse("retry option '" .. name .. "' must be a non-negative number")
       end
     end
   end
@@ -72,8 +71,8 @@ end
 --- Builds the shared configuration behind a JobClient or Registry.
 -- @param credential an object with :authorization(now)
 -- @param host the hub host name the SAS is signed for
-function M.build(credential, host, opts, level)
-  opts = check_options(opts, (level or 1) + 1)
+function M.build(credential, host, opts)
+  opts = check_options(opts)
   local endpoint = "https://" .. host
   if opts.endpoint then
     local checked, msg = check_endpoint(opts.endpoint)
@@ -91,7 +90,7 @@ function M.build(credential, host, opts, level)
   end
   local clock = opts.clock or monotime_clock()
   if type(clock.now) ~= "function" or type(clock.time) ~= "function" then
-    error("option 'clock' must have now() (monotonic seconds) and time() (epoch seconds) functions", (level or 1) + 1)
+    errors.misuse("option 'clock' must have now() (monotonic seconds) and time() (epoch seconds) functions")
   end
   return {
     host = host,
@@ -115,9 +114,9 @@ end
 
 --- Parses a service connection string into a credential and the host it signs for.
 -- Returns credential, host or nil, err. The key never appears in an error.
-function M.credential_from_connection_string(cs, opts, level)
+function M.credential_from_connection_string(cs, opts)
   if type(cs) ~= "string" then
-    error("connection string must be a string, got " .. type(cs), (level or 1) + 1)
+    errors.misuse("connection string must be a string, got " .. type(cs))
   end
   local parts, msg = core.parse_connection_string(cs)
   if not parts then

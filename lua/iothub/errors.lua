@@ -44,6 +44,24 @@ function M.redact(text)
   return text
 end
 
+-- Library frames are skipped when blaming a misuse, so the message points at the caller's line.
+local function in_library(source)
+  return source:find("[/@\\]iothub[/\\][%w_/\\]*%.lua$") ~= nil
+end
+
+--- Raises for misuse (wrong argument types, unknown options): a programming error, not a
+-- runtime failure. The position is the first frame outside the library, skipping C frames
+-- such as pcall, so `file:line:` names the line the caller has to fix.
+function M.misuse(message)
+  local level = 2
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info or (info.what ~= "C" and not in_library(info.source)) then break end
+    level = level + 1
+  end
+  error(message, level)
+end
+
 local Error = {}
 Error.__index = Error
 

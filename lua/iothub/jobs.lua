@@ -24,9 +24,9 @@ local DEVICE_JOB_STATUSES = { pending = true, scheduled = true, running = true,
 
 require("iothub.client").add_constructors(JobClient)
 
-local function check_type(value, want, name, level)
+local function check_type(value, want, name)
   if type(value) ~= want then
-    error(name .. " must be a " .. want .. ", got " .. type(value), level + 1)
+    errors.misuse(name .. " must be a " .. want .. ", got " .. type(value))
   end
 end
 
@@ -35,7 +35,7 @@ local function invalid(message, operation, target)
 end
 
 local function check_job_id(job_id, operation)
-  check_type(job_id, "string", "jobId", 3)
+  check_type(job_id, "string", "jobId")
   local ok, msg = core.check_job_id(job_id)
   if not ok then return invalid(msg, operation, job_id) end
   return true
@@ -57,19 +57,19 @@ function JobClient:_start_time(start, operation, job_id)
     if not epoch then return invalid("startTime: " .. msg, operation, job_id) end
     return core.format_time(epoch)
   end
-  error("startTime must be nil, epoch seconds or an ISO-8601 string, got " .. type(start), 3)
+  errors.misuse("startTime must be nil, epoch seconds or an ISO-8601 string, got " .. type(start))
 end
 
 local function max_execution(value, operation, job_id)
   if value == nil then return DEFAULT_MAX_EXECUTION end
-  check_type(value, "number", "maxExecutionTimeInSeconds", 3)
+  check_type(value, "number", "maxExecutionTimeInSeconds")
   local ok, msg = core.check_integer_range("maxExecutionTimeInSeconds", value, 1, 2147483647)
   if not ok then return invalid(msg, operation, job_id) end
   return math.floor(value)
 end
 
 local function check_condition(condition, operation, job_id)
-  check_type(condition, "string", "queryCondition", 3)
+  check_type(condition, "string", "queryCondition")
   local ok, msg = core.check_query_condition(condition)
   if not ok then return invalid(msg, operation, job_id) end
   return true
@@ -81,7 +81,7 @@ local METHOD_FIELDS = { methodName = true, payload = true, responseTimeoutInSeco
 --- Validates direct-method parameters and fills the Node SDK's defaults
 -- (payload null, responseTimeoutInSeconds 30). Shared with Registry:invokeDeviceMethod.
 function JobClient.methodParams(params, operation, target)
-  check_type(params, "table", "methodParams", 3)
+  check_type(params, "table", "methodParams")
   for key in pairs(params) do
     if not METHOD_FIELDS[key] then
       return invalid("methodParams has an unknown field '" .. tostring(key) ..
@@ -138,7 +138,7 @@ end
 -- `properties.desired`, adds `etag = "*"` (the hub requires it: twin jobs are force updates)
 -- and checks names, values, sizes and depth before anything is sent.
 function JobClient.twinPatch(patch, operation, target)
-  check_type(patch, "table", "patch", 3)
+  check_type(patch, "table", "patch")
   local out = shallow_copy(patch)
   if out.desired ~= nil then
     if out.properties ~= nil then
@@ -311,7 +311,7 @@ end
 
 local function check_page_size(value, operation)
   if value == nil then return true end
-  check_type(value, "number", "pageSize", 4)
+  check_type(value, "number", "pageSize")
   local ok, msg = core.check_integer_range("pageSize", value, 1, 10000)
   if not ok then return invalid(msg, operation) end
   return true
@@ -322,7 +322,7 @@ end
 -- @return an iterator (see iothub.pager): `for job, err in jobs:queryJobs{} do … end`
 function JobClient:queryJobs(opts)
   opts = opts or {}
-  check_type(opts, "table", "options", 2)
+  check_type(opts, "table", "options")
   local failed
   if opts.type ~= nil and not JOB_TYPES[opts.type] then
     failed = "type '" .. tostring(opts.type) .. "' is not a jobs/v2 type; use scheduleDeviceMethod or scheduleUpdateTwin"
@@ -348,7 +348,7 @@ end
 -- @param[opt] opts { status = "failed"|"completed"|…|"canceled", pageSize = n }
 function JobClient:deviceJobs(jobId, opts)
   opts = opts or {}
-  check_type(opts, "table", "options", 2)
+  check_type(opts, "table", "options")
   local ok, err = check_job_id(jobId, "deviceJobs")
   if ok and opts.status ~= nil and not DEVICE_JOB_STATUSES[opts.status] then
     ok, err = invalid("status '" .. tostring(opts.status) .. "' is not a device job status" ..
@@ -371,14 +371,14 @@ local MONITOR_OPTIONS = { interval = "number", timeout = "number", maxInterval =
 
 local function check_monitor_options(opts)
   opts = opts or {}
-  check_type(opts, "table", "options", 4)
+  check_type(opts, "table", "options")
   for key, value in pairs(opts) do
     local want = MONITOR_OPTIONS[key]
-    if not want then error("unknown monitor option '" .. tostring(key) .. "'", 4) end
-    check_type(value, want, "option '" .. key .. "'", 4)
+    if not want then errors.misuse("unknown monitor option '" .. tostring(key) .. "'") end
+    check_type(value, want, "option '" .. key .. "'")
   end
-  if opts.interval and opts.interval <= 0 then error("option 'interval' must be positive", 4) end
-  if opts.timeout and opts.timeout <= 0 then error("option 'timeout' must be positive", 4) end
+  if opts.interval and opts.interval <= 0 then errors.misuse("option 'interval' must be positive") end
+  if opts.timeout and opts.timeout <= 0 then errors.misuse("option 'timeout' must be positive") end
   return opts
 end
 
@@ -399,7 +399,7 @@ end
 -- @param[opt] opts { interval = 5, maxInterval = 60, timeout = 3600, sleep = fn }
 function JobClient:watchJob(jobId, opts)
   opts = check_monitor_options(opts)
-  check_type(jobId, "string", "jobId", 2)
+  check_type(jobId, "string", "jobId")
   local clock = self.cfg.clock
   local interval, max_interval = opts.interval or 5, opts.maxInterval or 60
   local timeout = opts.timeout or 3600

@@ -12,7 +12,7 @@ require("iothub.client").add_constructors(Registry)
 
 -- Device ids: at most 128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '
 local function check_device_id(device_id, operation)
-  if type(device_id) ~= "string" then error("deviceId must be a string, got " .. type(device_id), 3) end
+  if type(device_id) ~= "string" then errors.misuse("deviceId must be a string, got " .. type(device_id)) end
   local message
   if device_id == "" then
     message = "deviceId must not be empty"
@@ -45,8 +45,8 @@ end
 function Registry:updateTwin(deviceId, patch, etag)
   local ok, err = check_device_id(deviceId, "updateTwin")
   if not ok then return nil, err end
-  if type(patch) ~= "table" then error("patch must be a table, got " .. type(patch), 2) end
-  if etag ~= nil and type(etag) ~= "string" then error("etag must be a string", 2) end
+  if type(patch) ~= "table" then errors.misuse("patch must be a table, got " .. type(patch)) end
+  if etag ~= nil and type(etag) ~= "string" then errors.misuse("etag must be a string") end
   local body, msg = core.json_encode(patch)
   if not body then return nil, errors.invalid("patch cannot be sent: " .. msg, { operation = "updateTwin", target = deviceId }) end
   etag = etag or "*"
@@ -59,7 +59,7 @@ end
 --- Iterates the results of a twin query (a full `SELECT … FROM devices …`), across pages.
 -- Same iterator contract as JobClient:queryJobs.
 function Registry:queryTwins(query, opts)
-  if type(query) ~= "string" then error("query must be a string, got " .. type(query), 2) end
+  if type(query) ~= "string" then errors.misuse("query must be a string, got " .. type(query)) end
   opts = opts or {}
   local page_size = opts.pageSize or self.cfg.pageSize
   if query == "" then
@@ -99,7 +99,7 @@ end
 --- Creates a device identity. device = { deviceId = "…", status = "enabled", … }; the hub
 -- generates symmetric keys when none are given. Returns the device as created.
 function Registry:create(device)
-  if type(device) ~= "table" then error("device must be a table, got " .. type(device), 2) end
+  if type(device) ~= "table" then errors.misuse("device must be a table, got " .. type(device)) end
   local ok, err = check_device_id(device.deviceId, "create")
   if not ok then return nil, err end
   local body, msg = core.json_encode(device)

@@ -13,6 +13,7 @@
 -- libcurl reports the transfer finished.
 -- @module iothub.scheduler
 local core = require "iothub.core"
+local errors = require "iothub.errors"
 
 local unpack = table.unpack or unpack -- luacheck: ignore 143
 
@@ -47,7 +48,7 @@ end
 --- Adds a task; it starts when `run` is called (or at the next turn if already running).
 -- Returns the task table: `task.done`, `task.results` (array of return values), `task.error`.
 function Scheduler:spawn(fn, ...)
-  if type(fn) ~= "function" then error("spawn expects a function, got " .. type(fn), 2) end
+  if type(fn) ~= "function" then errors.misuse("spawn expects a function, got " .. type(fn)) end
   local args = { n = select("#", ...), ... }
   local task = { done = false, scheduler = self }
   task.co = coroutine.create(function() return fn(unpack(args, 1, args.n)) end)
@@ -87,7 +88,7 @@ end
 function Scheduler:_running_task()
   local task = owner[coroutine.running()]
   if task and task.scheduler == self then return task end
-  error("this call must be made from inside a task spawned on this scheduler", 3)
+  errors.misuse("this call must be made from inside a task spawned on this scheduler")
 end
 
 local function resume(self, entry)
