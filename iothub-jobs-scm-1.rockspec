@@ -34,7 +34,7 @@ build = {
   modules = {
     ["iothub.core"] = {
       sources = { "csrc/core.c", "csrc/sas.c", "csrc/codec.c", "csrc/json.c", "csrc/clock.c",
-        "csrc/validate.c", "csrc/request.c", "csrc/policy.c" },
+        "csrc/validate.c", "csrc/request.c", "csrc/policy.c", "csrc/query.c" },
       incdirs = { "csrc", "$(OPENSSL_INCDIR)" },
       libdirs = { "$(OPENSSL_LIBDIR)" },
       libraries = { "crypto", "m" },

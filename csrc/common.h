@@ -26,5 +26,6 @@ int clock_open(lua_State *L);    /* clock.c: monotonic/wall time, sleep, ISO-860
 int validate_open(lua_State *L); /* validate.c: job ids, query conditions, properties, timeouts */
 int request_open(lua_State *L);  /* request.c: URL, headers and job request bodies */
 int policy_open(lua_State *L);   /* policy.c: retry backoff and monitor decisions */
+int query_open(lua_State *L);    /* query.c: the IoT Hub query language (after json_open) */
 
 #endif

@@ -3,10 +3,10 @@
 #include <stdio.h>
 #include <string.h>
 #include "common.h"
+#include "query.h"
 
 #define CODE "InvalidArgument"
 #define JOB_ID_MAX 64
-#define QUERY_MAX 8192
 #define NAME_MAX_BYTES 1024
 #define DEPTH_MAX 10
 #define ECHO_MAX 64
@@ -85,112 +85,53 @@ static int l_check_job_id(lua_State *L) {
 
 /* ---- queryCondition ---- */
 
-/* Scans string literals and brackets. Returns 0, or 1 with the message pushed.
- * If where_out is given, it gets the offset just after the first top-level WHERE keyword
- * that is surrounded by whitespace (or 0 if none). */
-static int scan_condition(lua_State *L, const char *s, size_t n, size_t *where_out) {
-  unsigned short open_pos[QUERY_MAX];
-  char open_ch[QUERY_MAX];
-  size_t depth = 0, i, str_start = 0;
-  char quote = 0;
-  if (where_out) *where_out = 0;
-  for (i = 0; i < n; i++) {
-    char c = s[i];
-    if (quote) {
-      if (c == '\\') i++; /* skip the escaped character */
-      else if (c == quote) quote = 0;
-      continue;
-    }
-    if (c == '\'' || c == '"') {
-      quote = c;
-      str_start = i;
-    } else if (c == '(' || c == '[') {
-      open_pos[depth] = (unsigned short)(i + 1);
-      open_ch[depth++] = c;
-    } else if (c == ')' || c == ']') {
-      char want = (c == ')') ? '(' : '[';
-      if (depth == 0) {
-        lua_pushfstring(L, "queryCondition has '%c' at column %d with no matching '%c'; remove it or add "
-                           "the opening '%c'",
-                        c, (int)(i + 1), want, want);
-        return 1;
-      }
-      if (open_ch[depth - 1] != want) {
-        lua_pushfstring(L, "queryCondition has '%c' at column %d, but the innermost open bracket is '%c' "
-                           "at column %d; close that with '%c' first",
-                        c, (int)(i + 1), open_ch[depth - 1], (int)open_pos[depth - 1],
-                        open_ch[depth - 1] == '(' ? ')' : ']');
-        return 1;
-      }
-      depth--;
-    } else if (where_out && !*where_out && depth == 0 && i > 0 && is_space(s[i - 1]) &&
-               i + 5 < n && ieq_prefix(s + i, n - i, "WHERE") && is_space(s[i + 5])) {
-      *where_out = i + 5;
-    }
-  }
-  if (quote) {
-    lua_pushfstring(L, "queryCondition has an unterminated string literal starting at column %d; close it "
-                       "with a matching %c (escape a quote inside it with a backslash)",
-                    (int)(str_start + 1), quote);
-    return 1;
-  }
-  if (depth > 0) {
-    lua_pushfstring(L, "queryCondition has '%c' at column %d that is never closed; add a matching '%c'",
-                    open_ch[depth - 1], (int)open_pos[depth - 1], open_ch[depth - 1] == '(' ? ')' : ']');
-    return 1;
-  }
-  return 0;
+/* The text of s after offset from, trimmed and echoed for a hint; 0 when there is none. */
+static int hint_after(char *hint, size_t hintsz, const char *s, size_t n, size_t from) {
+  const char *h = s + from;
+  size_t hn = n - from;
+  if (from == 0) return 0;
+  while (hn > 0 && is_space(*h)) { h++; hn--; }
+  while (hn > 0 && is_space(h[hn - 1])) hn--;
+  if (hn == 0) return 0;
+  echo_copy(hint, hintsz, h, hn, HINT_MAX);
+  return 1;
 }
 
+/* Compiles the condition with the query language itself (query.c); the mistakes people make
+ * most (an empty condition, a long device list, a whole SELECT, a leading WHERE) get hints. */
 static int l_check_query_condition(lua_State *L) {
-  size_t n, lead = 0;
+  size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  while (lead < n && is_space(s[lead])) lead++;
-  if (lead == n)
-    return iothub_fail(L, CODE, "queryCondition is empty; use \"*\" to target all devices, or a condition "
-                                "such as deviceId = 'myDevice' or tags.building = '43'");
-  if (n > QUERY_MAX)
-    return iothub_fail(L, CODE, "queryCondition is %d characters long; the service rejects conditions longer "
-                                "than 8192 characters; target the devices by a tag (e.g. tags.rollout = "
-                                "'wave1') or split the device list across several jobs",
-                       (int)n);
-
-  if (ieq_prefix(s + lead, n - lead, "SELECT") &&
-      (lead + 6 == n || !(is_alnum(s[lead + 6]) || s[lead + 6] == '_'))) {
-    size_t where = 0;
-    if (scan_condition(L, s, n, &where) == 0 && where) {
-      const char *h = s + where;
-      size_t hn = n - where;
-      char hint[HINT_MAX + 8];
-      while (hn > 0 && is_space(*h)) { h++; hn--; }
-      while (hn > 0 && is_space(h[hn - 1])) hn--;
-      echo_copy(hint, sizeof hint, h, hn, HINT_MAX);
+  char msg[512], hint[HINT_MAX + 8];
+  switch (query_check_condition(s, n, msg, sizeof msg)) {
+    case QUERY_OK:
+      lua_pushboolean(L, 1);
+      return 1;
+    case QUERY_EMPTY:
+      return iothub_fail(L, CODE, "queryCondition is empty; use \"*\" to target all devices, or a condition "
+                                  "such as deviceId = 'myDevice' or tags.building = '43'");
+    case QUERY_TOO_LONG:
+      return iothub_fail(L, CODE, "queryCondition is %d characters long; the service rejects conditions longer "
+                                  "than %d characters; target the devices by a tag (e.g. tags.rollout = "
+                                  "'wave1') or split the device list across several jobs",
+                         (int)query_char_count(s, n), QUERY_MAX_LENGTH);
+    case QUERY_FULL_SELECT:
+      if (hint_after(hint, sizeof hint, s, n, query_where_end(s, n)))
+        return iothub_fail(L, CODE, "queryCondition must be only the condition of a WHERE clause, not a full "
+                                    "SELECT query; pass \"%s\" instead",
+                           hint);
       return iothub_fail(L, CODE, "queryCondition must be only the condition of a WHERE clause, not a full "
-                                  "SELECT query; pass \"%s\" instead",
-                         hint);
-    }
-    return iothub_fail(L, CODE, "queryCondition must be only the condition of a WHERE clause, not a full "
-                                "SELECT query; pass just the condition after WHERE, or \"*\" for all devices");
+                                  "SELECT query; pass just the condition after WHERE, or \"*\" for all devices");
+    case QUERY_LEADING_WHERE:
+      if (hint_after(hint, sizeof hint, s, n, query_where_end(s, n)))
+        return iothub_fail(L, CODE, "queryCondition starts with WHERE; drop the leading WHERE and pass only the "
+                                    "condition, e.g. \"%s\"",
+                           hint);
+      return iothub_fail(L, CODE, "queryCondition starts with WHERE; drop the leading WHERE and pass only the "
+                                  "condition");
+    default:
+      return iothub_fail(L, CODE, "queryCondition: %s", msg);
   }
-  if (ieq_prefix(s + lead, n - lead, "WHERE") && lead + 5 < n && is_space(s[lead + 5])) {
-    const char *h = s + lead + 5;
-    size_t hn = n - lead - 5;
-    char hint[HINT_MAX + 8];
-    while (hn > 0 && is_space(*h)) { h++; hn--; }
-    while (hn > 0 && is_space(h[hn - 1])) hn--;
-    echo_copy(hint, sizeof hint, h, hn, HINT_MAX);
-    return iothub_fail(L, CODE, "queryCondition starts with WHERE; drop the leading WHERE and pass only the "
-                                "condition, e.g. \"%s\"",
-                       hint);
-  }
-  if (scan_condition(L, s, n, NULL)) {
-    lua_pushnil(L);
-    lua_insert(L, -2);
-    lua_pushliteral(L, CODE);
-    return 3;
-  }
-  lua_pushboolean(L, 1);
-  return 1;
 }
 
 /* ---- properties ---- */

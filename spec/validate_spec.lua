@@ -64,10 +64,22 @@ describe("check_query_condition", function()
       "deviceId IN ['MyDevice1','MyDevice2']",
       "tags.building = '43' AND (properties.reported.fw < 2 OR tags.ring = \"canary\")",
       "tags.note = 'it\\'s (odd]'",
-      "tags.where = 'x'",
+      "tags.[[where]] = 'x'",
+      "DeviceId in ['d1']",
+      "FROM devices.modules WHERE moduleId = 'AwareMonitoring'",
+      "STARTSWITH(deviceId, 'door-') AND properties.reported.fw * 10 >= 15",
     }) do
       assert.is_true(core.check_query_condition(q), q)
     end
+  end)
+
+  it("compiles with the service's grammar and names the column of a mistake", function()
+    invalid(V.check_query_condition("deviceId = AND tags.x = 1"), "queryCondition: syntax error at column 12",
+      "expected a value after '=' but found 'AND'")
+    invalid(V.check_query_condition("STARTS_WITH(deviceId, 'a')"), "column 1", "STARTSWITH")
+    invalid(V.check_query_condition("tags.group.name = 'x'"), "column 6", "reserved", "[[group]]")
+    invalid(V.check_query_condition("deviceId == 'a'"), "single '='")
+    invalid(V.check_query_condition("tags.a = 1 tags.b = 2"), "column 12", "expected AND, OR")
   end)
 
   it("rejects an empty condition and suggests '*'", function()
