@@ -1,5 +1,11 @@
--- Service-side SAS checks (hub-behavior.md §7). Every failure is the same 401 to the
--- client ("Unauthorized", as the real hub says); the reason goes to the nginx error log.
+-- Service-side SAS checks and shared access policies (hub-behavior.md §7). Every failure
+-- is the same 401 to the client ("Unauthorized", as the real hub says); the reason goes
+-- to the nginx error log and never contains a key or a signature.
+--
+-- Policies: the hub's default set (iothubowner, service, device, registryRead,
+-- registryReadWrite) with well-known development keys. iothubowner's primary key is the
+-- configured key (--key); every other key is derived from it, so one --key changes all
+-- of them and the defaults stay deterministic (emulator/README.md lists them).
 local core = require "iothub.core"
 local util = require "emulator.util"
 
@@ -7,24 +13,203 @@ local M = {}
 
 local MAX_CLOCK_SKEW = 300 -- seconds, the service's MaxClockSkew
 
-local settings = { host = "localhost", policies = {} }
+-- base64 of the 32 bytes "iothub-emulator-development-key!" (bin/iothub-emulator's default)
+M.DEVELOPMENT_KEY = "aW90aHViLWVtdWxhdG9yLWRldmVsb3BtZW50LWtleSE="
 
--- opts.host: the HostName tokens are signed for; opts.policies: name -> base64 key
--- (a key may also be a list { primary, secondary }).
-function M.configure(opts)
-  settings.host = (opts.host or "localhost"):lower()
-  settings.policies = {}
-  for name, keys in pairs(opts.policies or {}) do
-    if type(keys) == "string" then keys = { keys } end
-    local raw = {}
-    for _, k in ipairs(keys) do
-      local decoded, err = core.base64_decode(k)
-      if not decoded then error("policy " .. name .. ": key is not base64: " .. tostring(err)) end
-      raw[#raw + 1] = decoded
-    end
-    settings.policies[name] = raw
-  end
+M.RIGHTS = { "registryRead", "registryWrite", "serviceConnect", "deviceConnect" }
+local KNOWN_RIGHT = {}
+for _, r in ipairs(M.RIGHTS) do KNOWN_RIGHT[r:lower()] = r end
+
+-- The hub's default policies, in the portal's order.
+M.DEFAULT_POLICIES = {
+  { name = "iothubowner", rights = { "registryRead", "registryWrite", "serviceConnect", "deviceConnect" } },
+  { name = "service", rights = { "serviceConnect" } },
+  { name = "device", rights = { "deviceConnect" } },
+  { name = "registryRead", rights = { "registryRead" } },
+  { name = "registryReadWrite", rights = { "registryRead", "registryWrite" } },
+}
+
+local settings = { host = "localhost", policies = {}, order = {} }
+
+---------------------------------------------------------------------------
+-- Configuration
+
+-- Key `which` ("primary"/"secondary") of policy `name`, derived from iothubowner's raw key.
+function M.derive_key(owner_key_b64, name, which)
+  local raw = assert(core.base64_decode(owner_key_b64), "the iothubowner key is not base64")
+  return core.base64_encode(core.hmac_sha256(raw, "iothub-emulator:" .. name .. ":" .. which))
 end
+
+-- Rights as a set; registryWrite implies registryRead (the SDKs' AccessRights flags).
+local function rights_set(list, where)
+  if type(list) == "string" then
+    local t = {}
+    for r in list:gmatch("[^,%s+]+") do t[#t + 1] = r end
+    list = t
+  end
+  local set = {}
+  for _, r in ipairs(list or {}) do
+    local right = type(r) == "string" and KNOWN_RIGHT[r:lower()]
+    if not right then
+      error(where .. ": unknown right '" .. tostring(r) .. "'; use " .. table.concat(M.RIGHTS, ", "), 0)
+    end
+    set[right] = true
+  end
+  if set.registryWrite then set.registryRead = true end
+  return set
+end
+
+local function decode_key(k, where)
+  if type(k) ~= "string" or k == "" then error(where .. ": a key must be a non-empty base64 string", 0) end
+  local raw = core.base64_decode(k)
+  if not raw or raw == "" then
+    error(where .. ": the key is not base64 (make one with `openssl rand -base64 32`)", 0)
+  end
+  return raw
+end
+
+-- Parses "name:right,right[:primaryKey[:secondaryKey]]" entries separated by ';' (the form
+-- a repeated --policy flag would collect). Base64 never contains ':', ',' or ';'.
+function M.parse_policy_spec(spec)
+  local out = {}
+  for entry in tostring(spec or ""):gmatch("[^;]+") do
+    local name, rights, primary, secondary = entry:match("^%s*([^:]+):([^:]*):?([^:]*):?([^:]*)%s*$")
+    if not name then
+      return nil, "policy '" .. entry:gsub(":.*", ":...") .. "' is not name:rights[:primaryKey[:secondaryKey]]"
+    end
+    out[name] = { rights = rights, primary = primary ~= "" and primary or nil,
+      secondary = secondary ~= "" and secondary or nil }
+  end
+  return out
+end
+
+-- opts.host: the HostName tokens are signed for.
+-- opts.policies: name -> key | { key1, key2 } | { primary=, secondary=, rights = list or "a,b" }.
+--   A default policy named without rights keeps its default rights; any other name without
+--   rights gets all rights. Keys left out are derived from iothubowner's primary key.
+-- opts.policies_spec: more policies as M.parse_policy_spec text.
+-- opts.defaults = false: only the named policies exist (no default set).
+function M.configure(opts)
+  opts = opts or {}
+  local given = {}
+  for name, v in pairs(opts.policies or {}) do
+    if type(v) == "string" then v = { primary = v } end
+    if type(v) ~= "table" then error("policy " .. tostring(name) .. ": expected a key or a table", 0) end
+    given[name] = { primary = v.primary or v[1], secondary = v.secondary or v[2], rights = v.rights }
+  end
+  if opts.policies_spec and opts.policies_spec ~= "" then
+    local parsed, err = M.parse_policy_spec(opts.policies_spec)
+    if not parsed then error(err, 0) end
+    for name, v in pairs(parsed) do given[name] = v end
+  end
+  local owner = given.iothubowner and given.iothubowner.primary or M.DEVELOPMENT_KEY
+  decode_key(owner, "policy iothubowner")
+
+  local defaults = {}
+  for _, p in ipairs(M.DEFAULT_POLICIES) do defaults[p.name] = p.rights end
+  local names = {}
+  if opts.defaults ~= false then
+    for _, p in ipairs(M.DEFAULT_POLICIES) do names[#names + 1] = p.name end
+  end
+  local extra = {}
+  for name in pairs(given) do
+    if not (opts.defaults ~= false and defaults[name]) then extra[#extra + 1] = name end
+  end
+  table.sort(extra)
+  for _, name in ipairs(extra) do names[#names + 1] = name end
+
+  local policies, order = {}, {}
+  for _, name in ipairs(names) do
+    local g = given[name] or {}
+    local where = "policy " .. name
+    local primary = g.primary or (name == "iothubowner" and owner) or M.derive_key(owner, name, "primary")
+    local secondary = g.secondary or M.derive_key(owner, name, "secondary")
+    local rights = g.rights or defaults[name] or M.RIGHTS
+    policies[name] = {
+      name = name, primary = primary, secondary = secondary,
+      raw = { decode_key(primary, where), decode_key(secondary, where) },
+      rights = rights_set(rights, where),
+    }
+    order[#order + 1] = name
+  end
+  settings.host = (opts.host or "localhost"):lower()
+  settings.policies, settings.order = policies, order
+end
+
+-- The configured policies: { name, rights (list), primaryKey, secondaryKey }, in order.
+-- For printing connection strings (launcher, control routes); these are secrets of the
+-- emulator's user, so never log them.
+function M.policies()
+  local out = {}
+  for _, name in ipairs(settings.order) do
+    local p = settings.policies[name]
+    local rights = {}
+    for _, r in ipairs(M.RIGHTS) do if p.rights[r] then rights[#rights + 1] = r end end
+    out[#out + 1] = { name = name, rights = rights, primaryKey = p.primary, secondaryKey = p.secondary }
+  end
+  return out
+end
+
+function M.connection_string(name)
+  local p = settings.policies[name]
+  if not p then return nil, "no policy named '" .. tostring(name) .. "'" end
+  return "HostName=" .. settings.host .. ";SharedAccessKeyName=" .. name .. ";SharedAccessKey=" .. p.primary
+end
+
+---------------------------------------------------------------------------
+-- Permissions per route
+
+local READ_REGISTRY = { { "registryRead" } }
+local WRITE_REGISTRY = { { "registryWrite" } }
+local READ_TWIN = { { "serviceConnect" }, { "registryRead" } }
+local WRITE_TWIN = { { "serviceConnect" }, { "registryWrite" } }
+local SERVICE = { { "serviceConnect" } }
+-- Docs disagree: "registry read and registry write" (current) vs "service connect and
+-- registry read" (2019); either combination is accepted.
+local JOBS = { { "registryRead", "registryWrite" }, { "serviceConnect", "registryRead" } }
+local OWNER = { { "registryWrite", "serviceConnect" } }
+
+-- The rights a request needs: a list of alternatives, each a list of rights that must all
+-- be held. Twins follow the devguide (ServiceConnect) and also accept the registry rights
+-- that SDK users rely on; unknown paths (e.g. /_emulator control routes) need owner rights.
+function M.permission_for(method, path)
+  method = (method or "GET"):upper()
+  local segs = {}
+  for s in (path or ""):gsub("%?.*$", ""):gmatch("[^/]+") do segs[#segs + 1] = s end
+  local top = segs[1]
+  if top == "devices" then
+    if #segs == 2 and segs[2] == "query" and method == "POST" then return READ_TWIN end
+    if method == "GET" then return READ_REGISTRY end
+    return WRITE_REGISTRY
+  elseif top == "twins" then
+    if segs[#segs] == "methods" then return SERVICE end
+    if method == "GET" then return READ_TWIN end
+    return WRITE_TWIN
+  elseif top == "jobs" then
+    return JOBS
+  end
+  return OWNER
+end
+
+local function allowed(rights, alternatives)
+  for _, need in ipairs(alternatives) do
+    local ok = true
+    for _, r in ipairs(need) do
+      if not rights[r] then ok = false; break end
+    end
+    if ok then return true end
+  end
+  return false
+end
+
+local function describe(alternatives)
+  local parts = {}
+  for _, need in ipairs(alternatives) do parts[#parts + 1] = table.concat(need, "+") end
+  return table.concat(parts, " or ")
+end
+
+---------------------------------------------------------------------------
+-- Token checks
 
 -- Field value exactly as written in the token (the signature covers se's text).
 local function raw_field(token, name)
@@ -39,19 +224,21 @@ local function scope_ok(sr, path)
   return target:sub(1, #sr + 1) == sr .. "/"
 end
 
--- Returns true, or nil and the reason the request is not authorized.
-function M.check(header, path, now)
+-- Returns true, policy name; or nil and the reason the request is not authorized.
+-- method (default: the current nginx request's method) selects the rights the request
+-- needs (M.permission_for); path is the decoded request path.
+function M.check(header, path, now, method)
   if type(header) == "table" then header = header[1] end
   if type(header) ~= "string" or header == "" then
     return nil, "no Authorization header"
   end
   local tok, perr = core.parse_sas_token(header)
   if not tok then return nil, perr end
-  local keys = settings.policies[tok.skn or ""]
-  if not keys then
+  local policy = settings.policies[tok.skn or ""]
+  if not policy then
     return nil, "policy '" .. tostring(tok.skn) .. "' is not configured (skn)"
   end
-  now = now or util.now()
+  now = now or (util.real_now or util.now)() -- clients sign with their own (real) clock
   local se = tonumber(tok.se)
   if not se then return nil, "se is not a number" end
   if se + MAX_CLOCK_SKEW < now then
@@ -67,13 +254,26 @@ function M.check(header, path, now)
   for _, f in ipairs({ core.url_encode(tok.sr), tok.sr, raw_field(header, "sr") }) do
     if f and not seen[f] then seen[f] = true; forms[#forms + 1] = f end
   end
-  for _, key in ipairs(keys) do
+  local signed = false
+  for _, key in ipairs(policy.raw) do
     for _, form in ipairs(forms) do
       local expected = core.base64_encode(core.hmac_sha256(key, form .. "\n" .. se_text))
-      if core.constant_time_equals(expected, tok.sig) then return true end
+      if core.constant_time_equals(expected, tok.sig) then signed = true; break end
+    end
+    if signed then break end
+  end
+  if not signed then
+    return nil, "signature matches neither the primary nor the secondary key of policy '" .. tok.skn .. "'"
+  end
+  if method == nil and ngx then method = ngx.req.get_method() end
+  if method then
+    local need = M.permission_for(method, path)
+    if not allowed(policy.rights, need) then
+      return nil, "policy '" .. tok.skn .. "' lacks the rights for " .. method .. " " .. tostring(path)
+        .. " (needs " .. describe(need) .. ")"
     end
   end
-  return nil, "signature does not match the key of policy '" .. tok.skn .. "'"
+  return true, tok.skn
 end
 
 -- Builds a token the way clients do (handy for curl experiments and tests).
@@ -82,5 +282,7 @@ function M.token(host, key_b64, policy, se)
   local sig = core.base64_encode(core.hmac_sha256(core.base64_decode(key_b64), sr .. "\n" .. se))
   return "SharedAccessSignature sr=" .. sr .. "&sig=" .. core.url_encode(sig) .. "&se=" .. se .. "&skn=" .. policy
 end
+
+M.configure({})
 
 return M

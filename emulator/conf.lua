@@ -20,7 +20,8 @@ local function lq(v) -- Lua literal inside *_by_lua_block
 end
 
 -- opts: root, dir, http_port, https_port (0 = off), host, key, policy, devices, log,
---       cert, cert_key, as_root, ipv6, job_rate, queue_delay, max_active_jobs, modules
+--       cert, cert_key, as_root, ipv6, job_rate, queue_delay, max_active_jobs, tier, policies_spec,
+--       state_dir (persistence; nil = in memory only), modules
 function M.render(opts)
   local dir, root = opts.dir, opts.root
   local modules = opts.modules or MODULES
@@ -38,6 +39,9 @@ function M.render(opts)
     "job_rate = " .. lq(tonumber(opts.job_rate) or 50),
     "queue_delay = " .. lq(tonumber(opts.queue_delay) or 0.2),
     "max_active_jobs = " .. lq(tonumber(opts.max_active_jobs) or 0),
+    "tier = " .. lq(opts.tier or ""),
+    "policies_spec = " .. lq(opts.policies_spec or ""),
+    "state_dir = " .. lq(opts.state_dir or ""),
   }
   local location = "location / { content_by_lua_block { require('emulator.http').handle() } }"
   local out = {
@@ -71,6 +75,8 @@ function M.render(opts)
     "  init_by_lua_block {",
     "    require('emulator.http').init({ " .. table.concat(init, ", ") .. " })",
     "  }",
+    "  init_worker_by_lua_block { require('emulator.http').init_worker() }",
+    "  exit_worker_by_lua_block { require('emulator.http').exit_worker() }",
     "  server {",
     "    " .. listen(opts.http_port),
     "    " .. location,
@@ -100,6 +106,7 @@ function M.from_env()
     host = env("HOST"), key = env("KEY"), policy = env("POLICY"), devices = env("DEVICES"),
     cert = env("CERT"), cert_key = env("CERT_KEY"), as_root = env("AS_ROOT") == "1", ipv6 = env("IPV6") == "1",
     job_rate = env("JOB_RATE"), queue_delay = env("QUEUE_DELAY"), max_active_jobs = env("MAX_ACTIVE_JOBS"),
+    tier = env("TIER"), policies_spec = env("POLICIES"), state_dir = env("STATE_DIR"),
   })
 end
 

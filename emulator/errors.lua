@@ -21,6 +21,11 @@ M.catalog = {
   ThrottlingMaxActiveJobCountExceeded = { 429, 429004 },
   ServerError = { 500, 500001 },
   GatewayTimeout = { 504, 504101 },
+  -- used by the control plane's fault injection
+  RequestTimeout = { 408, 408000 },
+  GenericTooManyRequests = { 429, 429000 },
+  ThrottlingException = { 429, 429001 },
+  ServiceUnavailable = { 503, 503001 },
 }
 
 local Error = {}

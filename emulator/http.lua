@@ -1,6 +1,8 @@
--- Request routing, auth, paging and error rendering for the emulator.
---   init_by_lua:    require("emulator.http").init{ host=, key=, policy=, devices=, log=, ... }
---   content_by_lua: require("emulator.http").handle()
+-- Request routing, auth, paging, error rendering, the request log and fault injection.
+--   init_by_lua:        require("emulator.http").init{ host=, key=, policy=, devices=, log=, tier=, state_dir=, ... }
+--   init_worker_by_lua: require("emulator.http").init_worker()
+--   exit_worker_by_lua: require("emulator.http").exit_worker()
+--   content_by_lua:     require("emulator.http").handle()
 local util = require "emulator.util"
 local errors = require "emulator.errors"
 local auth = require "emulator.auth"
@@ -9,25 +11,68 @@ local methods = require "emulator.methods"
 local jobs = require "emulator.jobs"
 local query = require "emulator.query"
 local devices_file = require "emulator.devices_file"
+local control = require "emulator.control"
+local store = require "emulator.store"
 
 local core = util.core
 local M = {}
 
-local settings = { max_page = 1000, default_page = 100 }
+local settings = { max_page = 1000, default_page = 100, devices = nil }
+
+-- Registers the devices file's simulated devices (at start-up and on a control reset).
+local function seed_devices()
+  local path = settings.devices
+  if not path or path == "" then return end
+  local defs, err = devices_file.load(path)
+  if not defs then error("devices file " .. path .. ": " .. tostring(err), 0) end
+  for _, def in ipairs(defs) do assert(registry.add(def)) end
+  util.log("hub", string.format("%d simulated device(s) from %s", #defs, path))
+end
+
+-- State kept across restarts when the launcher gives a state dir: the registry (when the
+-- registry module can export itself) and the jobs, plus the clock offset saved with them.
+local function setup_store(dir)
+  store.configure(dir)
+  if registry.export_state and registry.import_state then
+    store.register("registry", registry.export_state, registry.import_state)
+    registry.on_change = function() store.mark("registry") end
+  elseif dir and dir ~= "" then
+    util.log("hub", "the registry cannot be saved by this build; only jobs persist")
+  end
+  store.register("jobs", jobs.export_state, jobs.import_state)
+  jobs.on_change = function() store.mark("jobs") end
+  local loaded = store.load()
+  if #loaded > 0 then
+    local s = jobs.summary()
+    util.log("hub", string.format("state restored from %s (%s): %d job(s), %d active, %d device(s)",
+      dir, table.concat(loaded, ", "), s.jobs, s.active, #registry.list()))
+  end
+end
 
 function M.init(opts)
   local seed = 0
   for b in util.random_bytes(4):gmatch(".") do seed = seed * 256 + b:byte() end
   math.randomseed(seed)
   util.set_log_path(opts.log)
-  auth.configure({ host = opts.host, policies = { [opts.policy or "iothubowner"] = opts.key } })
-  jobs.configure({ rate = opts.job_rate, queue_delay = opts.queue_delay, max_active = opts.max_active_jobs })
-  if opts.devices and opts.devices ~= "" then
-    local defs, err = devices_file.load(opts.devices)
-    if not defs then error("devices file " .. opts.devices .. ": " .. tostring(err), 0) end
-    for _, def in ipairs(defs) do assert(registry.add(def)) end
-    util.log("hub", string.format("%d simulated device(s) from %s", #defs, opts.devices))
-  end
+  auth.configure({ host = opts.host, policies = { [opts.policy or "iothubowner"] = opts.key },
+    policies_spec = opts.policies_spec })
+  local ok, err = jobs.configure({ rate = opts.job_rate, queue_delay = opts.queue_delay,
+    max_active = opts.max_active_jobs, tier = opts.tier })
+  if not ok then error(err, 0) end
+  settings.devices = opts.devices
+  seed_devices()
+  setup_store(opts.state_dir)
+end
+
+-- In the worker: start the timers (restored jobs resume, the state writer runs).
+function M.init_worker()
+  store.start()
+  jobs.start_engine()
+end
+
+-- The worker is exiting (SIGTERM/SIGINT/reload): write the state one last time.
+function M.exit_worker()
+  store.stop()
 end
 
 ---------------------------------------------------------------------------
@@ -58,8 +103,9 @@ local function send_error(err)
   local t = util.now()
   local inner = { errorCode = err.code, trackingId = tracking_id(t), message = err.message, timestampUtc = util.iso(t) }
   if err.info then inner.info = err.info end
-  send(err.status, { Message = util.json_encode(inner), ExceptionMessage = "" },
-    { ["iothub-errorcode"] = err.name })
+  local headers = { ["iothub-errorcode"] = err.name }
+  for k, v in pairs(err.headers or {}) do headers[k] = v end -- e.g. an injected fault's Retry-After
+  send(err.status, { Message = util.json_encode(inner), ExceptionMessage = "" }, headers)
 end
 M.send_error = send_error
 
@@ -107,17 +153,26 @@ local function decode_token(tok)
   return offset
 end
 
+-- items: an array paged by offset, or a pager fn(continuation|nil, size) that returns
+-- page, next_continuation (nil on the last page) or nil, message for a token it does not know.
 local function send_page(items, item_type, headers_in)
   local size = tonumber(headers_in["x-ms-max-item-count"]) or settings.default_page
   size = math.max(1, math.min(settings.max_page, math.floor(size)))
-  local offset = 0
   local tok = headers_in["x-ms-continuation"]
   if type(tok) == "table" then tok = tok[1] end
-  if tok and tok ~= "" then offset = decode_token(tok) end
-  local page = {}
-  for i = offset + 1, math.min(#items, offset + size) do page[#page + 1] = items[i] end
+  if tok == "" then tok = nil end
+  local page, next_tok
+  if type(items) == "function" then
+    page, next_tok = items(tok, size)
+    if not page then error(errors.new("ArgumentInvalid", next_tok), 0) end
+  else
+    local offset = tok and decode_token(tok) or 0
+    page = {}
+    for i = offset + 1, math.min(#items, offset + size) do page[#page + 1] = items[i] end
+    if offset + size < #items then next_tok = encode_token(offset + size) end
+  end
   local headers = { ["x-ms-item-type"] = item_type }
-  if offset + size < #items then headers["x-ms-continuation"] = encode_token(offset + size) end
+  if next_tok then headers["x-ms-continuation"] = next_tok end
   send(200, util.array(page), headers)
 end
 
@@ -136,14 +191,17 @@ function H.health()
   send(200, { status = "ok", devices = #registry.list() })
 end
 
+-- Device identities carry their etag in an ETag header too (If-Match for updates).
+local function send_device(dev)
+  send(200, registry.device_json(dev), { ETag = '"' .. dev.etag .. '"' })
+end
+
 function H.put_device(req)
-  local dev = check(registry.put_device(req.params[1], json_body(false), if_match(req)))
-  send(200, registry.device_json(dev))
+  send_device(check(registry.put_device(req.params[1], json_body(false), if_match(req))))
 end
 
 function H.get_device(req)
-  local dev = check(registry.lookup(req.params[1]))
-  send(200, registry.device_json(dev))
+  send_device(check(registry.lookup(req.params[1])))
 end
 
 function H.delete_device(req)
@@ -152,7 +210,7 @@ function H.delete_device(req)
 end
 
 local function send_twin(dev)
-  local twin = registry.twin_json(dev)
+  local twin = registry.twin_doc(dev)
   send(200, twin, { ETag = '"' .. twin.etag .. '"' })
 end
 
@@ -168,6 +226,8 @@ function H.put_twin(req)
   send_twin(check(registry.update_twin(req.params[1], json_body(true), if_match(req), true)))
 end
 
+-- The device's answer comes back inside a 200 ({status, payload}); hub-side failures
+-- (404103 offline, 504101 no answer in time, 400004 bad timeouts or payload) are errors.
 function H.invoke_method(req)
   local dev = check(registry.lookup(req.params[1]))
   local m = check(methods.validate(json_body(true)))
@@ -183,14 +243,22 @@ function H.query_devices(req)
   if not plan then
     error(errors.new("ArgumentInvalid", "The query is invalid: " .. perr), 0)
   end
-  local docs, item_type
+  local docs
   if plan.collection == "devices.jobs" then
-    docs, item_type = jobs.device_rows(), "DeviceJob"
+    -- devices.jobs.jobId = 'x' can only match that job's rows (same order, so tokens hold)
+    docs = jobs.device_rows(plan.equals.jobid)
+  elseif plan.collection == "devices.modules" then
+    docs = {} -- the emulator has no modules yet, so the module collection is empty
   else
-    docs, item_type = {}, "Twin"
-    for _, dev in ipairs(registry.list()) do docs[#docs + 1] = registry.twin_json(dev) end
+    local twin_doc = registry.twin_doc or registry.twin_json
+    docs = {}
+    for i, dev in ipairs(registry.list()) do docs[i] = twin_doc(dev) end
   end
-  send_page(query.filter(plan, docs), item_type, req.headers)
+  send_page(function(tok, size)
+    local items, item_type_or_err, next_tok = query.execute(plan, docs, tok, size)
+    if not items then return nil, item_type_or_err end
+    return items, next_tok
+  end, query.item_type(plan), req.headers)
 end
 
 function H.create_job(req)
@@ -205,16 +273,18 @@ function H.cancel_job(req)
   send(200, check(jobs.cancel(req.params[1])))
 end
 
-function H.list_jobs(req)
-  local function arg(name)
-    local v = req.args[name]
-    if type(v) == "table" then v = v[1] end
-    return type(v) == "string" and v or nil
-  end
-  send_page(jobs.list(arg("jobType"), arg("jobStatus")), "JobResponse", req.headers)
+-- A query-string argument (the first, when repeated), or nil.
+local function query_arg(req, name)
+  local v = req.args[name]
+  if type(v) == "table" then v = v[1] end
+  return type(v) == "string" and v or nil
 end
 
--- { method, pattern (":id" captures a segment), handler, public }
+function H.list_jobs(req)
+  send_page(jobs.list(query_arg(req, "jobType"), query_arg(req, "jobStatus")), "JobResponse", req.headers)
+end
+
+-- { method, pattern (":id" captures a segment), handler, public = no auth, control = test route }
 local ROUTES = {
   { "GET", "/_emulator/health", H.health, true },
   { "POST", "/devices/query", H.query_devices },
@@ -230,6 +300,11 @@ local ROUTES = {
   { "GET", "/jobs/v2/:id", H.get_job },
   { "POST", "/jobs/v2/:id/cancel", H.cancel_job },
 }
+
+-- Test controls: SAS auth like the hub API, no api-version, never faulted or logged.
+for _, r in ipairs(control.routes({ send = send, json_body = json_body, arg = query_arg, reset_devices = seed_devices })) do
+  ROUTES[#ROUTES + 1] = { r[1], r[2], r[3], false, true }
+end
 
 local function split(path)
   local segs = {}
@@ -261,47 +336,81 @@ local function match(method, segs)
   return nil, path_known
 end
 
-local function dispatch()
+-- Applies an injected fault: waits, then answers with its error or asks handle() to drop
+-- the connection. Returns true when the request is finished.
+local function apply_fault(fault, rec)
+  rec.fault = fault.drop and "drop" or fault.status and "status" or "delay"
+  if fault.delay then ngx.sleep(fault.delay) end
+  if fault.drop then
+    rec.drop = true
+    return true
+  end
+  if fault.status then error(control.fault_error(fault), 0) end
+  return false
+end
+
+local function dispatch(rec)
   local method = ngx.req.get_method()
   local raw_path = ngx.var.request_uri:match("^[^?]*")
   local segs = {}
   for i, s in ipairs(split(raw_path)) do segs[i] = ngx.unescape_uri(s) end
+  rec.method, rec.path = method, "/" .. table.concat(segs, "/")
   local route, params = match(method, segs)
   if not route then
     local what = params and "is not supported on this path" or "is not an IoT Hub API the emulator knows"
     error(errors.new("InvalidOperation", method .. " " .. raw_path .. " " .. what .. "."), 0)
   end
+  rec.route = route[2]
+  rec.skip = route[4] or route[5] -- health and control routes stay out of the request log
   local headers = ngx.req.get_headers(100)
+  local request_id = headers["request-id"] or headers["x-ms-client-request-id"]
+  if type(request_id) == "table" then request_id = request_id[1] end
+  rec.requestId = request_id
   -- Conditional headers are the emulator's business: left in place, nginx's
   -- not_modified filter would answer 412 itself when a response carries an ETag.
   for _, h in ipairs({ "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since" }) do
     ngx.req.clear_header(h)
   end
   if not route[4] then
-    local ok, why = auth.check(headers["authorization"], ngx.var.uri)
+    -- real time: clients sign with their own clock, whatever /_emulator/clock says
+    local ok, why = auth.check(headers["authorization"], ngx.var.uri, util.real_now(), method)
     if not ok then
       ngx.log(ngx.WARN, "401 for ", method, " ", raw_path, ": ", why)
       error(errors.new("IotHubUnauthorizedAccess", "Unauthorized"), 0)
     end
   end
   local args = ngx.req.get_uri_args(100)
-  if not route[4] then
+  if not route[4] and not route[5] then
     local v = args["api-version"]
     if type(v) == "table" then v = v[1] end
     if type(v) ~= "string" or v == "" then
       error(errors.new("InvalidProtocolVersion", "The api-version query parameter is required (for example 2021-04-12)."), 0)
     end
+    local fault = control.take_fault(method, route[2], rec.path)
+    if fault and apply_fault(fault, rec) then return end
   end
   route[3]({ method = method, segs = segs, params = params, headers = headers, args = args })
 end
 
 function M.handle()
+  local started = core.monotime()
+  local rec = {}
   local ok, err = xpcall(dispatch, function(e)
     if errors.is_error(e) then return e end
     ngx.log(ngx.ERR, debug.traceback(tostring(e), 2))
     return errors.new("ServerError", "Emulator internal error: " .. tostring(e))
-  end)
+  end, rec)
   if not ok then send_error(err) end
+  if not rec.skip then
+    control.record({
+      method = rec.method or ngx.req.get_method(), path = rec.path or ngx.var.uri,
+      query = ngx.var.args or util.null, route = rec.route or util.null,
+      status = rec.drop and util.null or ngx.status, requestId = rec.requestId or util.null,
+      fault = rec.fault or util.null,
+      durationMs = math.floor((core.monotime() - started) * 1e6 + 0.5) / 1000,
+    })
+  end
+  if rec.drop then return ngx.exit(444) end -- closes the connection without an answer
 end
 
 return M

@@ -7,8 +7,13 @@ M.core = core
 M.null = core.null
 
 -- The real hub formats timestamps with 7 fractional digits; core gives milliseconds.
+-- The last conversion is remembered (core formats milliseconds): bulk work stamps many
+-- records within one millisecond.
+local iso_ms, iso_s
 function M.iso(t)
-  return (core.format_time(t):gsub("Z$", "0000Z"))
+  local ms = math.floor(t * 1000)
+  if ms ~= iso_ms then iso_ms, iso_s = ms, (core.format_time(ms / 1000):gsub("Z$", "0000Z")) end
+  return iso_s
 end
 
 -- Device-job start/end times carry no zone suffix in the documented samples.
@@ -19,8 +24,48 @@ end
 M.END_OF_TIME = "9999-12-31T23:59:59.9999999Z" -- .NET DateTime.MaxValue, sent for unfinished jobs
 M.NEVER = "0001-01-01T00:00:00Z"
 
+---------------------------------------------------------------------------
+-- Clock: the hub's notion of "now" is real time plus an offset that the control plane
+-- (/_emulator/clock) can only move forward, so scheduled jobs start without waiting.
+-- SAS expiry is checked against real time (M.real_now): clients sign with their own clock.
+local clock_offset = 0
+local clock_listeners = {}
+
 function M.now()
+  return core.time() + clock_offset
+end
+
+function M.real_now()
   return core.time()
+end
+
+function M.clock_offset()
+  return clock_offset
+end
+
+-- fn() runs after every change of the offset (the job engine re-arms its timers).
+function M.on_clock_change(fn)
+  clock_listeners[#clock_listeners + 1] = fn
+end
+
+local function clock_changed()
+  for _, fn in ipairs(clock_listeners) do fn() end
+end
+
+-- Moves the clock forward by seconds (>= 0); returns the new offset or nil, message.
+function M.advance_clock(seconds)
+  if type(seconds) ~= "number" or seconds ~= seconds or seconds < 0 or seconds == math.huge then
+    return nil, "the clock only moves forward: give a finite number of seconds >= 0"
+  end
+  clock_offset = clock_offset + seconds
+  clock_changed()
+  return clock_offset
+end
+
+-- Sets the offset directly (state restore and reset; the latter passes 0).
+function M.set_clock_offset(offset)
+  clock_offset = tonumber(offset) or 0
+  clock_changed()
 end
 
 function M.json_encode(v)
@@ -64,16 +109,25 @@ function M.jsonify(v)
   return out
 end
 
+-- Random bytes from /dev/urandom, read in 4 KB blocks: registering 100,000 devices makes
+-- 200,000 keys, and one open() per key dominated start-up.
+local pool, pool_pos = "", 1
+
 function M.random_bytes(n)
-  local f = io.open("/dev/urandom", "rb")
-  if f then
-    local s = f:read(n)
-    f:close()
-    if s and #s == n then return s end
+  if pool_pos + n - 1 > #pool then
+    local f = io.open("/dev/urandom", "rb")
+    local block = f and f:read(math.max(4096, n))
+    if f then f:close() end
+    if not block or #block < n then
+      local t = {}
+      for i = 1, n do t[i] = string.char(math.random(0, 255)) end
+      return table.concat(t)
+    end
+    pool, pool_pos = block, 1
   end
-  local t = {}
-  for i = 1, n do t[i] = string.char(math.random(0, 255)) end
-  return table.concat(t)
+  local s = pool:sub(pool_pos, pool_pos + n - 1)
+  pool_pos = pool_pos + n
+  return s
 end
 
 function M.random_key()

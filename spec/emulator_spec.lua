@@ -200,7 +200,8 @@ describe("iothub-emulator", function()
       assert_unauthorized({ Authorization = false })
       assert_unauthorized({ Authorization = token({ se = os.time() - 3600 }) })
       assert_unauthorized({ Authorization = token({ sr = "otherhub.azure-devices.net" }) })
-      assert_unauthorized({ Authorization = token({ skn = "service" }) })
+      assert_unauthorized({ Authorization = token({ skn = "nosuchpolicy" }) })
+      assert_unauthorized({ Authorization = token({ skn = "service" }) }) -- a real policy, but not this key
     end)
 
     it("accepts a valid token, also one scoped to a path under the host", function()
@@ -330,9 +331,10 @@ describe("iothub-emulator", function()
     it("validates job requests", function()
       local base = { type = "scheduleUpdateTwin", updateTwin = { properties = { desired = { a = 1 } } },
         queryCondition = "*", startTime = iso(os.time()), maxExecutionTimeInSeconds = 60 }
+      -- A twin job must carry etag "*": the hub answers 412 PreconditionFailed (reference §3.6).
       local status, body = api("PUT", "/jobs/v2/spec-bad", base)
-      assert.equal(400, status)
-      assert.equal(400004, inner_error(body).errorCode)
+      assert.equal(412, status)
+      assert.equal(412001, inner_error(body).errorCode)
       base.updateTwin.etag = "*"
       base.type = "scheduleDirectMethod"
       local s2, _, h = api("PUT", "/jobs/v2/spec-bad", base)

@@ -1,0 +1,167 @@
+-- Persistence with a kept --dir: registry, twins, jobs and the clock survive a stop/start;
+-- a job running at shutdown resumes; state files are replaced atomically; a broken state
+-- file stops the start with a message naming it; --in-memory keeps nothing.
+--   busted --lua=lua5.4 spec/emulator_persist_spec.lua
+local core = require "iothub.core"
+local shell = require "support.shell"
+local E = require "support.emulator_process"
+local job = E.job
+
+local DEVICES = 7
+
+local function read_state(dir, name)
+  local data = shell.read_file(dir .. "/state/" .. name .. ".json")
+  assert(data, "no " .. name .. ".json")
+  return assert(core.json_decode(data))
+end
+
+local function find_job(state, id)
+  for _, j in ipairs(state.jobs) do
+    if j.jobId == id then return j end
+  end
+end
+
+describe("emulator persistence", function()
+  local emu
+
+  after_each(function()
+    if emu then emu:cleanup() end
+    emu = nil
+  end)
+
+  it("keeps devices, twins, jobs and the clock across a restart", function()
+    emu = E.start()
+    assert.truthy(emu:output():find("\nstate " .. emu.dir .. "/state\n", 1, true))
+    assert.equal(200, (emu:api("PUT", "/devices/rest-dev", { deviceId = "rest-dev" })))
+    assert.equal(200, (emu:api("PATCH", "/twins/door-001", { tags = { color = "blue" },
+      properties = { desired = { mode = "eco" } } }, { ["If-Match"] = "*" })))
+    emu:control("PATCH", "/_emulator/config", { jobRate = 0 })
+    assert.equal(200, (emu:api("PUT", "/jobs/v2/done", job("done"))))
+    local done = emu:wait_job("done", "completed")
+    local rows_before = emu:rows("done")
+    local start = os.time() + 86400
+    assert.equal(200, (emu:api("PUT", "/jobs/v2/later", job("later", { startTime = E.iso(start) }))))
+    emu:wait_job("later", "scheduled")
+    emu:control("POST", "/_emulator/clock", { advanceSeconds = 60 })
+    local _, twin_before = emu:api("GET", "/twins/door-001")
+
+    assert.equal(0, emu:stop())
+    local files = select(2, shell.run("ls " .. shell.quote(emu.dir .. "/state")))
+    assert.equal("jobs.json\nregistry.json\n", files) -- and no temp files left
+    assert.equal("completed", find_job(read_state(emu.dir, "jobs"), "done").status)
+
+    emu:start()
+    assert.truthy(emu:output():find("state restored from", 1, true))
+    assert.equal(200, (emu:api("GET", "/devices/rest-dev")))
+    local _, twin = emu:api("GET", "/twins/door-001")
+    assert.equal("blue", twin.tags.color)
+    assert.equal("eco", twin.properties.desired.mode)
+    assert.equal(twin_before.etag, twin.etag)
+    assert.equal(twin_before.properties.desired["$version"], twin.properties.desired["$version"])
+    local _, again = emu:api("GET", "/jobs/v2/done")
+    assert.same(done, again)
+    assert.same(rows_before, emu:rows("done"))
+    local _, clock = emu:control("GET", "/_emulator/clock")
+    assert.is_true(math.abs(clock.offsetSeconds - 60) < 1)
+    assert.equal("scheduled", (select(2, emu:api("GET", "/jobs/v2/later"))).status)
+    emu:control("POST", "/_emulator/clock", { to = E.iso(start) })
+    assert.equal(DEVICES + 1, emu:wait_job("later", "completed").deviceJobStatistics.deviceCount) -- + rest-dev
+    -- the method simulation is still attached to the restored devices
+    local status, res = emu:api("POST", "/twins/myDeviceId/methods", { methodName = "lockDoor" })
+    assert.equal(200, status)
+    assert.equal(200, res.status)
+  end)
+
+  it("resumes a job that was running at shutdown with its unfinished rows", function()
+    emu = E.start()
+    emu:control("PATCH", "/_emulator/config", { jobRate = 3 })
+    assert.equal(200, (emu:api("PUT", "/jobs/v2/mid", job("mid"))))
+    emu:wait_job("mid", "running")
+    local deadline = core.monotime() + 5
+    repeat E.sleep(0.05) until core.monotime() > deadline
+      or (select(2, emu:api("GET", "/jobs/v2/mid"))).deviceJobStatistics.succeededCount >= 2
+    assert.equal(0, emu:stop())
+    local saved = find_job(read_state(emu.dir, "jobs"), "mid")
+    assert.equal("running", saved.status)
+    local finished_before = {}
+    for _, r in ipairs(saved.rows) do
+      if r[2] == "completed" then finished_before[r[1]] = r[4] end -- endTimeUtc
+    end
+    local n_before = 0
+    for _ in pairs(finished_before) do n_before = n_before + 1 end
+    assert.is_true(n_before >= 2 and n_before < DEVICES, n_before .. " rows done at shutdown")
+
+    emu:start()
+    assert.truthy(emu:output():find("job mid resumed after a restart", 1, true))
+    local done = emu:wait_job("mid", "completed")
+    assert.equal(DEVICES, done.deviceJobStatistics.succeededCount)
+    for id, r in pairs(emu:rows("mid")) do
+      assert.equal("completed", r.status)
+      if finished_before[id] then assert.equal(finished_before[id], r.endTimeUtc) end -- not run twice
+    end
+  end)
+
+  it("replaces state files atomically on a short debounce while a job runs", function()
+    emu = E.start()
+    emu:control("PATCH", "/_emulator/config", { jobRate = 5 })
+    assert.equal(200, (emu:api("PUT", "/jobs/v2/busy", job("busy"))))
+    local reads, seen_running = 0, false
+    local deadline = core.monotime() + 5
+    repeat
+      local data = shell.read_file(emu.dir .. "/state/jobs.json")
+      if data then
+        local state = core.json_decode(data)
+        assert.is_table(state, "a state file that does not decode was visible")
+        reads = reads + 1
+        local j = find_job(state, "busy")
+        if j and j.status == "running" then seen_running = true end
+        if j and j.status == "completed" then break end
+      end
+      E.sleep(0.02)
+    until core.monotime() > deadline
+    assert.is_true(reads > 5)
+    assert.is_true(seen_running, "the running job was never written before it completed")
+    assert.equal("completed", find_job(read_state(emu.dir, "jobs"), "busy").status)
+    -- an explicit save writes everything now
+    local status, body = emu:control("POST", "/_emulator/state/save")
+    assert.equal(200, status)
+    assert.equal(emu.dir .. "/state", body.stateDir)
+    assert.same({ "registry", "jobs" }, body.saved)
+    -- a reset is saved too: a restart after it starts from the devices file alone
+    emu:control("POST", "/_emulator/reset")
+    assert.equal(0, emu:stop())
+    assert.same({}, read_state(emu.dir, "jobs").jobs)
+    emu:start()
+    assert.equal(404, (emu:api("GET", "/jobs/v2/busy")))
+  end)
+
+  it("does not start on a broken state file, and says which file and what to do", function()
+    emu = E.start()
+    assert.equal(0, emu:stop())
+    local dir = emu.dir
+    shell.write_file(dir .. "/state/jobs.json", '{"format":"iothub-emulator-jobs/1","jobs":[{"jobId":')
+    local ok, err = pcall(E.start, { dir = dir })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("state file " .. dir .. "/state/jobs.json is not valid JSON", 1, true), err)
+    assert.truthy(tostring(err):find("move it away", 1, true))
+    shell.write_file(dir .. "/state/jobs.json", '{"format":"something-else"}')
+    ok, err = pcall(E.start, { dir = dir })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("not a jobs state file", 1, true), err)
+    os.remove(dir .. "/state/jobs.json")
+    emu:start() -- without the file it starts fine
+    assert.equal(200, (emu:api("GET", "/twins/myDeviceId")))
+  end)
+
+  it("keeps nothing with --in-memory", function()
+    emu = E.start()
+    assert.equal(200, (emu:api("PUT", "/jobs/v2/kept", job("kept"))))
+    assert.equal(0, emu:stop())
+    emu.opts.args = { "--in-memory" }
+    emu:start()
+    assert.is_nil(emu:output():find("\nstate ", 1, true))
+    assert.equal(404, (emu:api("GET", "/jobs/v2/kept")))
+    local _, body = emu:control("POST", "/_emulator/state/save")
+    assert.equal(core.null, body.stateDir)
+  end)
+end)
