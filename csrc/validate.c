@@ -342,7 +342,8 @@ static int l_check_properties(lua_State *L) {
     lua_pushliteral(L, "properties");
     lua_replace(L, 2);
   }
-  if (walk(L, 1, 2, 2, 1, check_values)) {
+  /* The section itself is depth 0: the devguide's valid example nests ten objects below it. */
+  if (walk(L, 1, 2, 2, 0, check_values)) {
     lua_pushnil(L);
     lua_insert(L, -2);
     lua_pushliteral(L, CODE);

@@ -185,14 +185,15 @@ describe("check_properties", function()
     invalid(V.check_properties({ list = { "ok", "not ok" } }, P, true), P .. ".list[2] has a space")
   end)
 
-  it("allows at most 10 levels below the path", function()
+  -- The devguide's valid example nests objects "one" .. "ten" below tags, with a value inside "ten".
+  it("allows ten nested objects below the path, not eleven", function()
     local function nest(levels)
       local t = "leaf"
       for i = levels, 1, -1 do t = { ["l" .. i] = t } end
       return t
     end
-    assert.is_true(core.check_properties(nest(10), P))
-    invalid(V.check_properties(nest(11), P), "10 levels", P .. ".l1.l2.l3.l4.l5.l6.l7.l8.l9.l10")
+    assert.is_true(core.check_properties(nest(11), P))
+    invalid(V.check_properties(nest(12), P), "10 levels", P .. ".l1.l2.l3.l4.l5.l6.l7.l8.l9.l10.l11")
     local cyclic = {}
     cyclic.self = cyclic
     invalid(V.check_properties(cyclic, P), "10 levels")
