@@ -29,7 +29,7 @@ PREFIX          ?= /usr/local
 LUA_CMODULE_DIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 LUA_MODULE_DIR  ?= $(PREFIX)/share/lua/$(LUA_VERSION)
 
-.PHONY: all luajit both test test-lua54 test-luajit lint bench clean install demo
+.PHONY: all luajit both test test-lua54 test-luajit lint bench bench-emulator clean install demo
 
 all: $(BUILD)/iothub/core.so $(BUILD)/iothub/curl.so
 
@@ -60,6 +60,11 @@ bench: both
 	$(LUA) bench/monitors.lua
 	$(LUAJIT) bench/getjob.lua
 	$(LUAJIT) bench/device_rows.lua
+
+# A twin-update job over 100,000 simulated devices, and paging out its 100,000 device rows.
+bench-emulator: both
+	$(LUA) bench/emulator_scale.lua
+	$(LUA) bench/query.lua
 
 test-lua54: all
 	$(BUSTED) --lua=$(LUA) spec
