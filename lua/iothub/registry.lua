@@ -34,6 +34,15 @@ local function send(self, op)
 end
 
 --- Reads a device twin.
+--- Checks a device id against IoT Hub's rules without sending anything.
+-- Returns true, or nil and a message saying what to fix.
+function Registry.checkDeviceId(deviceId)
+  if type(deviceId) ~= "string" then return nil, "deviceId must be a string, got " .. type(deviceId) end
+  local ok, err = check_device_id(deviceId, "checkDeviceId")
+  if not ok then return nil, err.message end
+  return true
+end
+
 function Registry:getTwin(deviceId)
   local ok, err = check_device_id(deviceId, "getTwin")
   if not ok then return nil, err end
