@@ -1,0 +1,422 @@
+-- The iothub-jobs command line, end to end: bin/iothub-jobs runs as a subprocess (under the
+-- interpreter running this spec) against a real bin/iothub-emulator loaded with the
+-- tutorial's devices (examples/devices.lua) and the rollout fleet (examples/fleet-devices.lua).
+-- "Sends nothing" is proved with the emulator's own access log. A pty (util-linux `script`)
+-- shows the progress bar and Ctrl-C.
+--   busted --lua=lua5.4 spec/cli_spec.lua
+local core = require "iothub.core"
+local shell = require "support.shell"
+local sh_quote, run, sleep = shell.quote, shell.run, shell.sleep
+local read_file, write_file, alive = shell.read_file, shell.write_file, shell.alive
+
+local LUA = jit and "luajit" or "lua5.4"
+
+local ROOT = (function()
+  local _, pwd = run("pwd")
+  local src = debug.getinfo(1, "S").source:gsub("^@", "")
+  local dir = src:match("^(.*)/spec/[^/]*$") or "."
+  if dir:sub(1, 1) ~= "/" then dir = pwd:gsub("%s+$", "") .. "/" .. dir end
+  return dir
+end)()
+
+local HAS_SCRIPT = (run("command -v script"))
+
+describe("iothub-jobs", function()
+  local emu = {}
+  local E -- the --emulator=DIR option
+
+  -- Both example devices files in one: each is a chunk that returns { devices=, fleets= }.
+  local function combined_devices()
+    local parts = {}
+    for i, name in ipairs({ "devices.lua", "fleet-devices.lua" }) do
+      parts[i] = "local part" .. i .. " = (function()\n" .. assert(read_file(ROOT .. "/examples/" .. name)) .. "\nend)()"
+    end
+    return table.concat(parts, "\n") .. [[
+
+local out = { devices = {}, fleets = {} }
+for _, part in ipairs({ part1, part2 }) do
+  for _, d in ipairs(part.devices or {}) do out.devices[#out.devices + 1] = d end
+  for _, f in ipairs(part.fleets or {}) do out.fleets[#out.fleets + 1] = f end
+end
+return out
+]]
+  end
+
+  local function start()
+    local _, dir = run("mktemp -d /tmp/iothub-cli-spec.XXXXXX")
+    emu.dir = dir:gsub("%s+$", "")
+    write_file(emu.dir .. "/devices.lua", combined_devices())
+    for _ = 1, 5 do
+      local port = math.random(20000, 60000)
+      emu.out, emu.http_port, emu.https_port = emu.dir .. "/launcher.out", port, port + 1
+      local pid_file = emu.dir .. "/launcher.pid"
+      run("(" .. sh_quote(ROOT .. "/bin/iothub-emulator") .. " --devices " .. sh_quote(emu.dir .. "/devices.lua")
+        .. " --http-port " .. port .. " --https-port " .. (port + 1) .. " --job-rate 200 --dir "
+        .. sh_quote(emu.dir .. "/state") .. " >" .. sh_quote(emu.out) .. " 2>&1 </dev/null & echo $! >"
+        .. sh_quote(pid_file) .. ")")
+      emu.pid = tonumber((read_file(pid_file) or ""):match("%d+"))
+      for _ = 1, 150 do
+        if (read_file(emu.out) or ""):find("\nready\n", 1, true) then
+          emu.state = emu.dir .. "/state"
+          E = "--emulator=" .. sh_quote(emu.state)
+          return
+        end
+        if not emu.pid or not alive(emu.pid) then break end
+        sleep(0.1)
+      end
+      if emu.pid and alive(emu.pid) then run("kill " .. emu.pid) end
+    end
+    error("the emulator did not start:\n" .. (read_file(emu.out) or ""))
+  end
+
+  lazy_setup(function()
+    math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100003)
+    start()
+  end)
+
+  lazy_teardown(function()
+    if emu.pid and alive(emu.pid) then
+      run("kill -TERM " .. emu.pid)
+      for _ = 1, 100 do
+        if not alive(emu.pid) then break end
+        sleep(0.1)
+      end
+    end
+    if emu.dir then run("rm -rf " .. sh_quote(emu.dir)) end
+  end)
+
+  -- Runs bin/iothub-jobs with a clean environment (plus env); returns rc, stdout, stderr.
+  local function cli(args, env)
+    local out, err = emu.dir .. "/cli.out", emu.dir .. "/cli.err"
+    local prefix = "env -u IOTHUB_CONNECTION_STRING -u IOTHUB_ENDPOINT -u IOTHUB_CA_FILE -u IOTHUB_EMULATOR_DIR"
+    for k, v in pairs(env or {}) do prefix = prefix .. " " .. k .. "=" .. sh_quote(v) end
+    local _, _, rc = run("(cd " .. sh_quote(ROOT) .. " && " .. prefix .. " " .. LUA .. " bin/iothub-jobs " .. args
+      .. " >" .. sh_quote(out) .. " 2>" .. sh_quote(err) .. " </dev/null)")
+    return rc, read_file(out) or "", read_file(err) or ""
+  end
+
+  -- Hub requests the emulator has served so far (its nginx access log, one line each).
+  local function requests()
+    local n = 0
+    for _ in (read_file(emu.state .. "/logs/access.log") or ""):gmatch("[^\n]+") do n = n + 1 end
+    return n
+  end
+
+  local function tmpfile(name, text)
+    local path = emu.dir .. "/" .. name
+    write_file(path, text)
+    return path
+  end
+
+  describe("help and usage", function()
+    it("has --help for every command, and an overview with the exit codes", function()
+      local rc, out = cli("--help")
+      assert.equal(0, rc)
+      assert.matches("Usage: iothub%-jobs COMMAND", out)
+      assert.matches("130  interrupted", out)
+      for _, command in ipairs({ "create", "show", "list", "cancel", "watch", "devices", "plan", "run" }) do
+        rc, out = cli(command .. " --help")
+        assert.equal(0, rc, command)
+        assert.matches("^Usage: iothub%-jobs " .. command, out)
+        assert.matches("%-%-emulator", out)
+        local rc2, out2 = cli("help " .. command)
+        assert.equal(0, rc2)
+        assert.equal(out, out2)
+      end
+    end)
+
+    it("refuses bad command lines with exit 2, says what to fix, and sends nothing", function()
+      local before = requests()
+      local cases = {
+        { "creat", "unknown command 'creat'; did you mean 'create'?" },
+        { "list --stauts running " .. E, "unknown option '--stauts'; did you mean '--status'?" },
+        { "list --status canceled " .. E, "did you mean 'cancelled'?" },
+        { "show " .. E, "missing JOBID" },
+        { "show a b " .. E, "unexpected argument 'b'" },
+        { "create method " .. E .. " --query '*'", "give the method name" },
+        { "create method m --query '*' --device d " .. E, "--query CONDITION or --device ID (not both)" },
+        { "create method m --device 'bad id' " .. E, "has a character IoT Hub does not allow" },
+        { "create method m --device d --ttl 10x " .. E, "--ttl: '10x' is not a duration" },
+        { "create method m --device d --payload '{force:true}' " .. E, "--payload: the value is not valid JSON" },
+        { "create method m --device d --payload @/nonexistent.json " .. E, "cannot read /nonexistent.json" },
+        { "create twin --device d " .. E, "a twin job needs --patch" },
+        { "create method m --query 'SELECT * FROM devices' " .. E, "not a full SELECT query" },
+        { "create method m --device d --response-timeout 1 " .. E, "from 5 to 300" },
+        { "create method m --device d", "no hub to talk to" },
+        { "show x --emulator=/nonexistent/dir", "no such directory or file" },
+      }
+      for _, case in ipairs(cases) do
+        local rc, _, err = cli(case[1])
+        assert.equal(2, rc, case[1] .. ": " .. err)
+        assert.truthy(err:find(case[2], 1, true), case[1] .. " said: " .. err)
+      end
+      assert.equal(before, requests())
+    end)
+  end)
+
+  describe("connection", function()
+    it("reads the emulator's --dir, its start-up output, the environment, or HTTPS with --ca-file", function()
+      assert.equal(0, (cli("list " .. E)))
+      assert.equal(0, (cli("list --emulator=" .. sh_quote(emu.out))))
+      assert.equal(0, (cli("list --emulator", { IOTHUB_EMULATOR_DIR = emu.state })))
+      local cs = (read_file(emu.out) or ""):match("IOTHUB_CONNECTION_STRING=([^\n]+)")
+      assert.equal(0, (cli("list", { IOTHUB_CONNECTION_STRING = cs, IOTHUB_ENDPOINT = "http://127.0.0.1:" .. emu.http_port })))
+      assert.equal(0, (cli("list -c " .. sh_quote(cs) .. " --endpoint https://localhost:" .. emu.https_port
+        .. " --ca-file " .. sh_quote(emu.state .. "/certs/ca.pem"))))
+      -- without the CA, HTTPS fails as a network (TLS) error
+      local rc = cli("list -c " .. sh_quote(cs) .. " --endpoint https://localhost:" .. emu.https_port, { SSL_CERT_FILE = "/dev/null" })
+      assert.equal(5, rc)
+    end)
+
+    it("exits 4 when the hub refuses the key (and never prints it), 5 when it cannot be reached", function()
+      local wrong = core.base64_encode("a wrong key of thirty-two bytes!")
+      local rc, out, err = cli("list -c 'HostName=localhost;SharedAccessKeyName=iothubowner;SharedAccessKey=" .. wrong
+        .. "' --endpoint http://127.0.0.1:" .. emu.http_port)
+      assert.equal(4, rc)
+      assert.matches("401", err)
+      assert.falsy((out .. err):find(wrong, 1, true))
+      rc, out, err = cli("show x --emulator --endpoint http://127.0.0.1:9")
+      assert.equal("", out)
+      assert.equal(5, rc)
+      assert.matches("iothub%-jobs: ", err)
+    end)
+  end)
+
+  describe("jobs", function()
+    it("creates a method job on listed devices and watches it: 0 when every device succeeded", function()
+      local rc, out, err = cli("create method lockDoor --device myDeviceId,door-001 --device door-002 --payload "
+        .. "'{\"force\":true}' --response-timeout 15 --id cli-lock-ok --watch --interval 0.2 " .. E)
+      assert.equal(0, rc, err)
+      assert.matches("cli%-lock%-ok: completed, 3 device%(s%): 3 succeeded, 0 failed", out)
+      rc, out = cli("show cli-lock-ok --json " .. E)
+      assert.equal(0, rc)
+      local job = core.json_decode(out)
+      assert.equal("deviceId IN ['myDeviceId','door-001','door-002']", job.queryCondition)
+      assert.same({ force = true }, job.cloudToDeviceMethod.payload)
+      assert.equal(15, job.cloudToDeviceMethod.responseTimeoutInSeconds)
+    end)
+
+    it("exits 3 when some devices failed; devices shows each device, --failed only the failures", function()
+      local rc, out = cli("create method lockDoor --device myDeviceId,door-basement --id cli-lock-some --watch "
+        .. "--interval 0.2 " .. E)
+      assert.equal(3, rc)
+      assert.matches("1 succeeded, 1 failed", out)
+      rc, out = cli("devices cli-lock-some " .. E)
+      assert.equal(0, rc)
+      assert.matches("DEVICE%s+STATUS%s+RESULT", out)
+      assert.matches("myDeviceId%s+completed%s+method returned 200 {\"locked\":true}", out)
+      assert.matches("door%-basement%s+failed%s+DeviceNotOnline: ", out)
+      rc, out = cli("devices cli-lock-some --failed --json " .. E)
+      assert.equal(0, rc)
+      local rows = core.json_decode(out)
+      assert.equal(1, #rows)
+      assert.equal("door-basement", rows[1].deviceId)
+      assert.equal("DeviceNotOnline", rows[1].error.code)
+    end)
+
+    it("creates a twin job from a patch file and shows it", function()
+      local patch = tmpfile("patch.json", '{"desired":{"building":"43","floor":3}}')
+      local rc, out, err = cli("create twin --query \"deviceId = 'myDeviceId'\" --patch @" .. sh_quote(patch)
+        .. " --ttl 10m --json " .. E)
+      assert.equal(0, rc, err)
+      local job = core.json_decode(out)
+      assert.equal("scheduleUpdateTwin", job.type)
+      assert.equal(600, job.maxExecutionTimeInSeconds)
+      assert.same({ building = "43", floor = 3 }, job.updateTwin.properties.desired)
+      rc = cli("watch " .. job.jobId .. " --interval 0.2 --quiet " .. E)
+      assert.equal(0, rc)
+      rc, out = cli("show " .. job.jobId .. " " .. E)
+      assert.equal(0, rc)
+      assert.matches("type%s+twin {\"properties\":{\"desired\":{\"building\":\"43\",\"floor\":3}}}", out)
+      assert.matches("status%s+completed", out)
+      assert.matches("ttl%s+600 s", out)
+    end)
+
+    it("schedules for later, times out watching (6), cancels, and watching a cancelled job exits 1", function()
+      local rc, out = cli("create method lockDoor --device door-003 --start +1h --id cli-later " .. E)
+      assert.equal(0, rc)
+      assert.matches("created job cli%-later", out)
+      local err
+      rc, out, err = cli("watch cli-later --timeout 1 --interval 0.2 " .. E)
+      assert.equal("", out)
+      assert.equal(6, rc)
+      assert.matches("did not finish within 1 s", err)
+      assert.matches("keeps running on the hub", err)
+      rc, out = cli("cancel cli-later " .. E)
+      assert.equal(0, rc)
+      assert.matches("cli%-later: cancelled", out)
+      rc = cli("watch cli-later --interval 0.2 " .. E)
+      assert.equal(1, rc)
+    end)
+
+    it("exits 7 for a job the hub does not know", function()
+      local rc, _, err = cli("show no-such-job " .. E)
+      assert.equal(7, rc)
+      assert.matches("JobNotFound", err)
+      rc = cli("devices no-such-job " .. E)
+      assert.equal(7, rc)
+    end)
+
+    it("lists jobs filtered by type and status, up to --top", function()
+      local rc, out = cli("list --type method --status completed --top 1 --json " .. E)
+      assert.equal(0, rc)
+      local jobs = core.json_decode(out)
+      assert.equal(1, #jobs)
+      assert.equal("scheduleDeviceMethod", jobs[1].type)
+      assert.equal("completed", jobs[1].status)
+      rc, out = cli("list --type twin " .. E)
+      assert.equal(0, rc)
+      assert.matches("^JOB ID%s+TYPE%s+STATUS", out)
+      assert.matches("\n%S+%s+twin%s+completed%s+1/0/1", out)
+      assert.falsy(out:find(" method ", 1, true))
+    end)
+  end)
+
+  describe("definitions files", function()
+    it("plan prints each request and the devices targeted now, and changes nothing", function()
+      local log = read_file(emu.state .. "/logs/access.log") or ""
+      local rc, out, err = cli("plan examples/rollout.lua " .. E)
+      assert.equal(0, rc, err)
+      assert.matches("job lock%-b7: direct method lockDoor", out)
+      assert.matches("targets now: 60 device%(s%) match", out)
+      assert.matches("stage 1/3 'canary': 2 device%(s%)", out)
+      assert.matches("PUT /jobs/v2/lock%-b7%-%x+%-s1%-c1", out)
+      assert.matches('{"jobId":"lock%-b7%-%x+%-s1%-c1","type":"scheduleDeviceMethod","cloudToDeviceMethod":'
+        .. '{"methodName":"lockDoor","payload":{"force":true},"responseTimeoutInSeconds":15},', out)
+      assert.matches("targets now: 60 device%(s%) exist of 60 listed", out)
+      local after = (read_file(emu.state .. "/logs/access.log") or ""):sub(#log + 1)
+      assert.falsy(after:find('"PUT ', 1, true))
+      assert.falsy(after:find('/cancel', 1, true))
+      rc, out = cli("plan examples/rollout.lua --job tag-b7 --json " .. E)
+      assert.equal(0, rc)
+      local plan = core.json_decode(out)
+      assert.equal(1, #plan.jobs)
+      assert.equal("scheduleUpdateTwin", plan.jobs[1].stages[1].requests[1].body.type)
+    end)
+
+    it("run executes the staged rollout (3: three jammed doors failed), and a re-run adopts every job", function()
+      local rc, out, err = cli("run examples/rollout.lua --interval 0.2 " .. E)
+      assert.equal(3, rc, err)
+      assert.matches("job lock%-b7: completed with failures", out)
+      assert.matches("stage 3 'rest': 27 succeeded, 3 failed of 30; gate passed", out)
+      assert.matches("job tag%-b7: succeeded", out)
+      assert.matches("lock%-b7 stage 1/3 passed", err)
+      local log = read_file(emu.state .. "/logs/access.log") or ""
+      rc, out, err = cli("run examples/rollout.lua --interval 0.2 " .. E)
+      assert.equal(3, rc)
+      assert.matches("job lock%-b7: completed with failures", out)
+      assert.matches("adopted existing job lock%-b7%-%x+%-s3%-c1 %(completed%)", err)
+      local after = (read_file(emu.state .. "/logs/access.log") or ""):sub(#log + 1)
+      assert.falsy(after:find('"PUT ', 1, true))
+    end)
+
+    it("runs the tutorial's two jobs from examples/tutorial-jobs.lua", function()
+      local rc, out, err = cli("run examples/tutorial-jobs.lua --interval 0.2 " .. E)
+      assert.equal(0, rc, err)
+      assert.matches("job tutorial%-lock: succeeded\n  1 succeeded, 0 failed of 1 %[tutorial%-lock%-%x+%-c1 completed%]", out)
+      assert.matches("job tutorial%-twin: succeeded", out)
+      local id = out:match("(tutorial%-twin%-%x+%-c1)")
+      rc, out = cli("show " .. id .. " --json " .. E)
+      assert.equal(0, rc)
+      assert.same({ building = "43", floor = 3 }, core.json_decode(out).updateTwin.properties.desired)
+    end)
+
+    it("run stops at a failed gate with exit 3 and says why", function()
+      local file = tmpfile("gate.lua", [[
+job "jammed" {
+  method = "lockDoor",
+  devices = { "b7-door-013", "b7-door-027", "b7-door-041", "b7-door-001" },
+  stages = { { count = 2, gate = { maxFailures = 0 } }, { percent = 100 } },
+}
+]])
+      local rc, out = cli("run " .. sh_quote(file) .. " --interval 0.2 --quiet " .. E)
+      assert.equal(3, rc)
+      assert.matches("rollout stopped: jammed: stage 1 gate failed: 2 device%(s%) failed, more than maxFailures 0 "
+        .. "%(stage 2 not started%)", out)
+    end)
+
+    it("refuses bad files with each problem at file:line, exit 2, and sends nothing", function()
+      local cases = {
+        { "syntax.lua", 'job "a" {\n  method = "m"\n  query = "*",\n}\n', ":3: syntax error" },
+        { "unknown.lua", 'job "a" {\n  method = "m",\n  query = "*",\n  retries = 3,\n}\n',
+          ":4: job 'a', field 'retries': unknown field" },
+        { "types.lua", 'job "a" {\n  method = "m",\n  query = "*",\n  ttl = "soon",\n}\n',
+          ":4: job 'a', field 'ttl': 'soon' is not a duration" },
+        { "ids.lua", 'job "a b" { method = "m", query = "*" }\njob "c" {\n  method = "m",\n  devices = { "ok", "no way" },\n}\n',
+          ":1: job 'a b': job name 'a b' has ' '", ":4: job 'c', field 'devices': entry 2: deviceId 'no way'" },
+        { "select.lua", 'job "a" {\n  method = "m",\n  query = "SELECT * FROM devices WHERE tags.x = 1",\n}\n',
+          ":3: job 'a', field 'query': queryCondition must be only the condition of a WHERE clause" },
+      }
+      local before = requests()
+      for _, case in ipairs(cases) do
+        local file = tmpfile(case[1], case[2])
+        for _, command in ipairs({ "plan", "run" }) do
+          local rc, out, err = cli(command .. " " .. sh_quote(file) .. " " .. E)
+          assert.equal(2, rc, case[1])
+          assert.equal("", out)
+          for i = 3, #case do
+            assert.truthy(err:find(file .. case[i], 1, true), case[1] .. " said: " .. err)
+          end
+          assert.matches("problem%(s%) in .*; nothing was sent", err)
+        end
+      end
+      assert.equal(before, requests())
+    end)
+  end)
+
+  describe("progress", function()
+    it("prints plain lines, without control characters, when stderr is not a terminal", function()
+      local rc, _, err = cli("create method lockDoor --query \"tags.location.building = '7'\" --watch --interval 0.2 " .. E)
+      assert.equal(3, rc) -- the three jammed doors
+      assert.falsy(err:find("\r", 1, true))
+      assert.falsy(err:find("\27", 1, true))
+      assert.matches("%[0:0%d%] %S+: running, %d+ succeeded", err)
+      assert.matches("completed, 57 succeeded, 3 failed, 0 pending of 60 device%(s%)\n$", err)
+    end)
+
+    -- Runs args on a pty (util-linux script); input is written to the pty after `delay` s.
+    local function on_pty(args, input, delay)
+      local typescript = emu.dir .. "/typescript"
+      local feed = input and ("(sleep " .. delay .. "; printf '" .. input .. "'; sleep 3)") or "(sleep 0.1)"
+      local _, _, rc = run("cd " .. sh_quote(ROOT) .. " && " .. feed .. " | env -u IOTHUB_CONNECTION_STRING COLUMNS=110 "
+        .. "script -qfec " .. sh_quote(LUA .. " bin/iothub-jobs " .. args) .. " /dev/null >" .. sh_quote(typescript))
+      return rc, read_file(typescript) or ""
+    end
+
+    it("draws a live bar on a terminal and ends its line cleanly", function()
+      if not HAS_SCRIPT then pending("util-linux script is not installed") return end
+      local rc, screen = on_pty("create method lockDoor --query \"tags.location.building = '7'\" --watch "
+        .. "--interval 0.2 --id cli-pty-bar " .. E)
+      assert.equal(3, rc)
+      assert.matches("\r\27%[Kcli%-pty%-bar  running  %[#*x*%.*%]  %d+ ok  %d+ failed  %d+ pending of 60  0:0%d  ETA", screen)
+      -- the last frame is the final state, and its line is ended before the summary
+      assert.matches("\r\27%[Kcli%-pty%-bar  completed  %[#+x+%]  57 ok  3 failed  0 pending of 60  0:0%d  done\r?\n"
+        .. "cli%-pty%-bar: completed, 60 device%(s%): 57 succeeded, 3 failed", screen)
+    end)
+
+    it("exits 130 on Ctrl-C while watching", function()
+      if not HAS_SCRIPT then pending("util-linux script is not installed") return end
+      assert.equal(0, (cli("create method lockDoor --device door-005 --start +1h --id cli-pty-int " .. E)))
+      local rc, screen = on_pty("watch cli-pty-int --interval 0.2 " .. E, "\\003", 1)
+      assert.equal(130, rc)
+      assert.matches("cli%-pty%-int  %a+  %[%.+%].-%^C\r?\niothub%-jobs: interrupted; these jobs keep running on the hub: "
+        .. "cli%-pty%-int\r?\n`iothub%-jobs watch cli%-pty%-int` watches again", screen)
+      assert.equal(0, (cli("cancel cli-pty-int " .. E)))
+    end)
+
+    it("exits 130 on Ctrl-C, ends the bar line and says what keeps running", function()
+      if not HAS_SCRIPT then pending("util-linux script is not installed") return end
+      local file = tmpfile("later.lua", 'job "later" { method = "lockDoor", devices = { "door-004" }, start = "+1h" }\n')
+      local rc, screen = on_pty("run " .. sh_quote(file) .. " --interval 0.2 " .. E, "\\003", 1.5)
+      assert.equal(130, rc)
+      assert.matches("later  %a+  %[%.+%]  0 ok  0 failed  %d pending of ~?1  0:0%d  starts in 59:%d%d%^C\r?\n", screen)
+      assert.matches("iothub%-jobs: interrupted; these jobs keep running on the hub: later%-%x+%-c1", screen)
+      assert.matches("re%-run `iothub%-jobs run .*later.lua` to resume", screen)
+      -- the job is there, still waiting; cancel it
+      local id = screen:match("(later%-%x+%-c1)")
+      local code, out = cli("cancel " .. id .. " " .. E)
+      assert.equal(0, code)
+      assert.matches("cancelled", out)
+    end)
+  end)
+end)
