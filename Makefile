@@ -28,6 +28,7 @@ HEADERS  = $(wildcard csrc/*.h)
 PREFIX          ?= /usr/local
 LUA_CMODULE_DIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 LUA_MODULE_DIR  ?= $(PREFIX)/share/lua/$(LUA_VERSION)
+BINDIR          ?= $(PREFIX)/bin
 
 .PHONY: all luajit both test test-lua54 test-luajit lint bench bench-emulator clean install demo
 
@@ -82,3 +83,5 @@ install: all
 	install -d $(DESTDIR)$(LUA_CMODULE_DIR)/iothub $(DESTDIR)$(LUA_MODULE_DIR)
 	install -m 0755 $(BUILD)/iothub/core.so $(BUILD)/iothub/curl.so $(DESTDIR)$(LUA_CMODULE_DIR)/iothub/
 	cp -R lua/iothub $(DESTDIR)$(LUA_MODULE_DIR)/
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 bin/iothub-jobs $(DESTDIR)$(BINDIR)/iothub-jobs
