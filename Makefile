@@ -30,7 +30,7 @@ LUA_CMODULE_DIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 LUA_MODULE_DIR  ?= $(PREFIX)/share/lua/$(LUA_VERSION)
 BINDIR          ?= $(PREFIX)/bin
 
-.PHONY: all luajit both test test-lua54 test-luajit lint bench bench-emulator clean install demo
+.PHONY: all luajit both test test-lua54 test-luajit lint bench bench-emulator clean install demo test-openresty
 
 all: $(BUILD)/iothub/core.so $(BUILD)/iothub/curl.so
 
@@ -66,6 +66,10 @@ bench: both
 bench-emulator: both
 	$(LUA) bench/emulator_scale.lua
 	$(LUA) bench/query.lua
+
+# The cosocket transport in a real nginx, and the dashboard in headless Chromium.
+test-openresty: luajit
+	bash spec/openresty/run.sh
 
 test-lua54: all
 	$(BUSTED) --lua=$(LUA) spec

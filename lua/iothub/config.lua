@@ -15,7 +15,7 @@ local OPTION_TYPES = {
   endpoint = "string", caFile = "string", verify = "boolean", proxy = "string",
   noProxy = "string", apiVersion = "string", timeout = "number", connectTimeout = "number",
   retry = "table|boolean", tokenTtl = "number", tokenRenewBefore = "number",
-  userAgent = "string", transport = "table", sleep = "function", clock = "table",
+  userAgent = "string", transport = "table|string", sleep = "function", clock = "table",
   random = "function", onRetry = "function", pageSize = "number",
 }
 
@@ -64,6 +64,36 @@ local function check_endpoint(endpoint)
   return (endpoint:gsub("/+$", ""))
 end
 
+-- Transports chosen by name; anything else must be an object with request(req).
+local TRANSPORT_NAMES = { curl = true, cosocket = true }
+
+-- The `transport` option: nil (chosen at the first request: cosocket inside nginx, curl
+-- outside), "curl" (outside nginx only), "cosocket" (inside nginx only) or a transport
+-- object (used as given). Returns object, name.
+local function check_transport(t)
+  if t == nil then return nil, nil end
+  if type(t) == "string" then
+    if not TRANSPORT_NAMES[t] then
+      errors.misuse("option 'transport' must be \"curl\", \"cosocket\" or a transport object, got '" .. t .. "'")
+    end
+    local in_nginx = require("iothub.transport.cosocket").inNginx()
+    if t == "cosocket" and not in_nginx then
+      errors.misuse("option transport = \"cosocket\" needs nginx's ngx.socket.tcp (OpenResty or nginx's " ..
+        "lua module); outside nginx leave 'transport' unset or use \"curl\"")
+    end
+    if t == "curl" and in_nginx then
+      -- libcurl would block the whole worker on every request; it is never loaded in nginx.
+      errors.misuse("option transport = \"curl\" is refused inside nginx: libcurl would block the " ..
+        "worker; leave 'transport' unset (cosockets are used) or pass a transport object")
+    end
+    return nil, t
+  end
+  if type(t.request) ~= "function" then
+    errors.misuse("option 'transport' must be \"curl\", \"cosocket\" or an object with a request(req) method")
+  end
+  return t, nil
+end
+
 local function monotime_clock()
   return { now = core.monotime, time = core.time }
 end
@@ -88,6 +118,7 @@ function M.build(credential, host, opts)
     for k, v in pairs(RETRY_DEFAULTS) do retry[k] = v end
     for k, v in pairs(type(opts.retry) == "table" and opts.retry or {}) do retry[k] = v end
   end
+  local transport, transport_name = check_transport(opts.transport)
   local clock = opts.clock or monotime_clock()
   if type(clock.now) ~= "function" or type(clock.time) ~= "function" then
     errors.misuse("option 'clock' must have now() (monotonic seconds) and time() (epoch seconds) functions")
@@ -101,7 +132,8 @@ function M.build(credential, host, opts)
     timeout = opts.timeout or 60,
     connectTimeout = opts.connectTimeout or 15,
     caFile = opts.caFile, verify = opts.verify, proxy = opts.proxy, noProxy = opts.noProxy,
-    transport = opts.transport,
+    transport = transport,          -- an object; else created on first use (iothub.pipeline)
+    transportName = transport_name, -- "curl" | "cosocket" | nil (automatic)
     sleep = opts.sleep,
     clock = clock,
     random = opts.random or math.random,

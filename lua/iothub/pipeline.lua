@@ -14,27 +14,49 @@ function Pipeline.new(cfg)
   return setmetatable({ cfg = cfg }, Pipeline)
 end
 
--- The default transport is created on first use, so requiring the module does no I/O and
--- loads libcurl only when a request is actually made.
+-- Inside nginx (the `ngx` API is present) the cosocket transport module, else nil. Loaded
+-- only there, so plain Lua never touches it and nginx never loads libcurl.
+local function nginx_support()
+  if rawget(_G, "ngx") == nil then return nil end
+  local cosocket = require "iothub.transport.cosocket"
+  return cosocket.inNginx() and cosocket or nil
+end
+
+-- The transport, created on first use so requiring the module does no I/O. Unless the
+-- `transport` option names one: cosocket inside nginx (never libcurl, which is not even
+-- loaded there: it would block the worker), curl elsewhere.
 function Pipeline:transport()
-  local t = self.cfg.transport
-  if not t then
-    local CurlTransport = require "iothub.transport.curl"
-    t = CurlTransport.new({ caFile = self.cfg.caFile, verify = self.cfg.verify,
-      proxy = self.cfg.proxy, noProxy = self.cfg.noProxy,
-      timeout = self.cfg.timeout, connectTimeout = self.cfg.connectTimeout })
-    self.cfg.transport = t
+  local cfg = self.cfg
+  local t = cfg.transport
+  if t then return t end
+  local name = cfg.transportName or (nginx_support() and "cosocket" or "curl")
+  if name == "cosocket" then
+    if cfg.proxy and cfg.proxy ~= "" then
+      errors.misuse("option 'proxy' is not supported by the cosocket transport (inside nginx); " ..
+        "reach the hub directly or leave 'proxy' unset")
+    end
+    t = require("iothub.transport.cosocket").new({ caFile = cfg.caFile, verify = cfg.verify,
+      timeout = cfg.timeout, connectTimeout = cfg.connectTimeout })
+  else
+    t = require("iothub.transport.curl").new({ caFile = cfg.caFile, verify = cfg.verify,
+      proxy = cfg.proxy, noProxy = cfg.noProxy,
+      timeout = cfg.timeout, connectTimeout = cfg.connectTimeout })
   end
+  cfg.transport = t
   return t
 end
 
 --- How to wait right now: inside an iothub Scheduler task its timers; else a caller-supplied
--- sleep (cqueues.sleep, ngx.sleep); else a plain blocking sleep.
+-- sleep (cqueues.sleep, ...); inside nginx ngx.sleep (raising in phases that cannot yield,
+-- since a blocking sleep would stall the worker); else a plain blocking sleep.
 function Pipeline:sleep(seconds, override)
   local sched = Scheduler.current()
   if sched then return sched:sleep(seconds) end
-  local sleep = override or self.cfg.sleep or core.sleep
-  return sleep(seconds)
+  local sleep = override or self.cfg.sleep
+  if sleep then return sleep(seconds) end
+  local cosocket = nginx_support()
+  if cosocket then return cosocket.checkPhase("sleeping between polls or retries").sleep(seconds) end
+  return core.sleep(seconds)
 end
 
 function Pipeline:now()
@@ -42,7 +64,8 @@ function Pipeline:now()
 end
 
 -- One HTTP exchange, chosen to suit the caller: scheduler task -> curl multi; caller sleep
--- -> cooperative polling; otherwise a blocking keep-alive request.
+-- -> cooperative polling; otherwise transport:request (a blocking keep-alive request with
+-- curl; with cosockets it yields the nginx request or timer until the answer is in).
 function Pipeline:exchange(req, sleep)
   local transport = self:transport()
   local sched = Scheduler.current()
@@ -66,6 +89,9 @@ end
 -- Returns decoded, response | nil, err.
 function Pipeline:send(op)
   local cfg = self.cfg
+  local transport = self:transport()
+  -- Fail fast, naming the operation, where nginx cannot run it (init, init_worker, log, ...).
+  if transport.checkPhase then transport.checkPhase(op.operation) end
   local policy = cfg.retry
   local max_attempts = op.retry == false and 1 or policy.maxAttempts
   local started = self:now()

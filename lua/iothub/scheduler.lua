@@ -27,6 +27,11 @@ local SLEEP, HTTP = {}, {} -- private yield markers
 
 function Scheduler.new(opts)
   opts = opts or {}
+  -- Its loop waits in C and its HTTP goes through libcurl: both would stall an nginx worker.
+  if require("iothub.transport.cosocket").inNginx() then
+    errors.misuse("iothub.Scheduler would block the nginx worker; inside nginx run monitors with " ..
+      "ngx.thread.spawn or ngx.timer.at, which the client's cosocket transport already suits")
+  end
   return setmetatable({
     tasks = {},         -- all tasks, in spawn order
     ready = {},         -- tasks to resume next: { task, values... }
