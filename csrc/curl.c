@@ -1,8 +1,19 @@
 /* iothub.curl: blocking (easy) and concurrent (multi) HTTP over libcurl.
  *
- * No Lua code ever runs while libcurl is inside a call: callbacks only append
- * to C buffers, results are pushed after the transfer. Request tables are read
- * with raw access so no metamethod can run (and yield) either. */
+ *   curl.easy([opts]) / curl.multi([opts]): opts = { caFile, verify, proxy, noProxy, verbose,
+ *     timeout, connectTimeout, maxBody } are the handle's defaults for every request.
+ *   e:request(method, url [, headers [, body [, timeout [, connectTimeout [, maxBody]]]]])
+ *     -> { status, headers, body } | nil, message, code        (the per-call fast path)
+ *   e:perform{ method=, url=, ..., any option } -> status, headers, body | nil, message, code
+ *   m:submit(same arguments as request) / m:add{ ... } -> id; m:perform(), m:wait(s),
+ *     m:completed(), m:cancel(id), m:timeout(), m:pending()
+ *
+ * Every request costs little: a handle gets its constant options and connection settings
+ * once (again only when they change, which keeps its connections), then per request only
+ * the URL, method, body and a header list whose nodes are reused. No Lua code ever runs while
+ * libcurl is inside a call: callbacks only append to C buffers, results are pushed after the
+ * transfer. Request tables are read with raw access so no metamethod can run (and yield)
+ * either. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -78,20 +89,36 @@ static const char *curlm_name(CURLMcode rc) {
 
 /* ---------------------------------------------------------------- requests */
 
+static const char *const METHOD_NAMES[] = { "GET", "PUT", "POST", "PATCH", "DELETE", NULL };
+
+/* Settings a connection depends on. They rarely change between requests, so a handle applies
+ * them once and again only when they differ (NULL strings: unset). */
 typedef struct {
-  const char *method;
-  const char *url;
-  const char *body;
-  size_t bodylen;
   const char *caFile;
-  const char *proxy;
+  const char *proxy;   /* NULL: libcurl's environment handling (http_proxy, ...) */
   const char *noProxy;
-  double timeout, connectTimeout;
+  int verify, verbose;
+} connopts;
+
+/* Per-handle defaults (curl.easy(opts) / curl.multi(opts)); strings are owned copies. */
+typedef struct {
+  connopts conn;
+  long timeoutMs, connectMs; /* 0: none */
   size_t maxBody;
-  int hasBody, verify, verbose;
-  int headers;   /* absolute stack index of the headers array, 0 if none */
-  int userCtype; /* caller set Content-Type / Expect itself */
+} defaults;
+
+typedef struct {
+  const char *method; /* one of METHOD_NAMES: static, so it outlives any Lua string */
+  const char *url;
+  const char *body;   /* NULL: no body */
+  size_t bodylen;
+  int headers;        /* absolute stack index of the headers array, 0 if none */
+  int nheaders;
+  int userCtype;      /* caller set Content-Type / Expect itself */
   int userExpect;
+  long timeoutMs, connectMs;
+  size_t maxBody;
+  connopts conn;
 } reqspec;
 
 /* Pushes t[k] (raw, no metamethods) and returns its type; the value stays on the
@@ -102,37 +129,57 @@ static int rawfield(lua_State *L, int t, const char *k) {
   return lua_type(L, -1);
 }
 
-static int bad_field(lua_State *L, const char *k, const char *expected) {
-  return luaL_error(L, "bad request field '%s' (%s expected, got %s)", k, expected,
-                    luaL_typename(L, -1));
+static int bad_value(lua_State *L, int idx, const char *what, const char *k, const char *expected) {
+  return luaL_error(L, "bad %s '%s' (%s expected, got %s)", what, k, expected, luaL_typename(L, idx));
 }
 
-static const char *opt_string(lua_State *L, int t, const char *k, size_t *len) {
-  int ty = rawfield(L, t, k);
-  if (ty == LUA_TNIL) return NULL;
-  if (ty != LUA_TSTRING) bad_field(L, k, "string");
-  return lua_tolstring(L, -1, len);
+static long to_ms(double seconds) {
+  if (seconds <= 0) return 0;
+  if (seconds > 1e9) return 1000000000L * 1000L;
+  return (long)(seconds * 1000.0 + 0.999); /* round up: a tiny timeout must not become "none" */
 }
 
-static double opt_seconds(lua_State *L, int t, const char *k) {
+/* The value at idx (nil: dflt) as a string / non-negative number of seconds / boolean / size. */
+static const char *opt_string_at(lua_State *L, int idx, const char *what, const char *k,
+                                 const char *dflt, size_t *len) {
+  int ty = lua_type(L, idx);
+  if (ty == LUA_TNIL || ty == LUA_TNONE) {
+    if (len) *len = dflt ? strlen(dflt) : 0;
+    return dflt;
+  }
+  if (ty != LUA_TSTRING) bad_value(L, idx, what, k, "string");
+  return lua_tolstring(L, idx, len);
+}
+
+static long opt_ms_at(lua_State *L, int idx, const char *what, const char *k, long dflt) {
   double v;
-  int ty = rawfield(L, t, k);
-  if (ty == LUA_TNIL) return 0;
-  if (ty != LUA_TNUMBER) bad_field(L, k, "number");
-  v = lua_tonumber(L, -1);
-  if (!(v >= 0)) luaL_error(L, "bad request field '%s' (non-negative number expected)", k);
-  return v;
+  int ty = lua_type(L, idx);
+  if (ty == LUA_TNIL || ty == LUA_TNONE) return dflt;
+  if (ty != LUA_TNUMBER) bad_value(L, idx, what, k, "number");
+  v = lua_tonumber(L, idx);
+  if (!(v >= 0)) luaL_error(L, "bad %s '%s' (non-negative number expected)", what, k);
+  return to_ms(v);
 }
 
-static int opt_bool(lua_State *L, int t, const char *k, int dflt) {
-  int ty = rawfield(L, t, k);
-  if (ty == LUA_TNIL) return dflt;
-  if (ty != LUA_TBOOLEAN) bad_field(L, k, "boolean");
-  return lua_toboolean(L, -1);
+static int opt_bool_at(lua_State *L, int idx, const char *what, const char *k, int dflt) {
+  int ty = lua_type(L, idx);
+  if (ty == LUA_TNIL || ty == LUA_TNONE) return dflt;
+  if (ty != LUA_TBOOLEAN) bad_value(L, idx, what, k, "boolean");
+  return lua_toboolean(L, idx);
 }
 
-static int header_is(const char *line, size_t len, const char *name) {
-  size_t n = strlen(name), i;
+static size_t opt_size_at(lua_State *L, int idx, const char *what, const char *k, size_t dflt) {
+  double v;
+  int ty = lua_type(L, idx);
+  if (ty == LUA_TNIL || ty == LUA_TNONE) return dflt;
+  if (ty != LUA_TNUMBER) bad_value(L, idx, what, k, "number");
+  v = lua_tonumber(L, idx);
+  if (!(v >= 0)) luaL_error(L, "bad %s '%s' (non-negative number expected)", what, k);
+  return v >= (double)((size_t)-1 / 2) ? (size_t)-1 / 2 : (size_t)v;
+}
+
+static int header_is(const char *line, size_t len, const char *name, size_t n) {
+  size_t i;
   if (len <= n || line[n] != ':') return 0;
   for (i = 0; i < n; i++) {
     char c = line[i];
@@ -142,78 +189,165 @@ static int header_is(const char *line, size_t len, const char *name) {
   return 1;
 }
 
-/* Validation pass: raises on misuse and allocates nothing, so no cleanup is needed. */
-static void read_req(lua_State *L, int t, reqspec *s) {
-  static const char *const methods[] = { "GET", "PUT", "POST", "PATCH", "DELETE", NULL };
-  size_t len, i, n;
-  int ty, k;
-  double mb;
+static const char *check_method(lua_State *L, int idx, const char *what) {
+  const char *m;
+  int k;
+  if (lua_type(L, idx) != LUA_TSTRING) bad_value(L, idx, what, "method", "string");
+  m = lua_tostring(L, idx);
+  for (k = 0; METHOD_NAMES[k]; k++)
+    if (strcmp(METHOD_NAMES[k], m) == 0) return METHOD_NAMES[k];
+  luaL_error(L, "bad %s 'method' (GET, PUT, POST, PATCH or DELETE expected, got '%s')", what, m);
+  return NULL;
+}
 
+static const char *check_url(lua_State *L, int idx, const char *what) {
+  size_t len;
+  const char *u;
+  if (lua_type(L, idx) != LUA_TSTRING) bad_value(L, idx, what, "url", "string");
+  u = lua_tolstring(L, idx, &len);
+  if (len == 0 || strlen(u) != len)
+    luaL_error(L, "bad %s 'url' (non-empty string without NUL expected)", what);
+  return u;
+}
+
+/* Checks the headers array at idx (nil allowed) and notes Content-Type / Expect. */
+static void check_headers(lua_State *L, int idx, const char *what, reqspec *s) {
+  int ty = lua_type(L, idx), i, n;
+  s->headers = 0;
+  s->nheaders = 0;
+  if (ty == LUA_TNIL || ty == LUA_TNONE) return;
+  if (ty != LUA_TTABLE) bad_value(L, idx, what, "headers", "table");
+  s->headers = lua_absindex(L, idx);
+  n = (int)lua_rawlen(L, s->headers);
+  for (i = 1; i <= n; i++) {
+    size_t len;
+    const char *h;
+    lua_rawgeti(L, s->headers, i);
+    if (lua_type(L, -1) != LUA_TSTRING)
+      luaL_error(L, "bad %s 'headers' (string expected at index %d, got %s)", what, i,
+                 luaL_typename(L, -1));
+    h = lua_tolstring(L, -1, &len);
+    if (strlen(h) != len || memchr(h, '\n', len) || memchr(h, '\r', len))
+      luaL_error(L, "bad %s 'headers' (line %d contains CR, LF or NUL)", what, i);
+    if ((h[0] | 0x20) == 'c' && header_is(h, len, "content-type", 12)) s->userCtype = 1;
+    if ((h[0] | 0x20) == 'e' && header_is(h, len, "expect", 6)) s->userExpect = 1;
+    lua_pop(L, 1); /* still referenced by the headers table on the stack */
+  }
+  s->nheaders = n;
+}
+
+/* Reads a request table: raises on misuse and allocates nothing, so no cleanup is needed.
+ * Fields it lacks come from the handle's defaults. */
+static void read_req_table(lua_State *L, int t, reqspec *s, const defaults *d) {
+  static const char what[] = "request field";
+  int top;
   t = lua_absindex(L, t);
   luaL_checktype(L, t, LUA_TTABLE);
   luaL_checkstack(L, 24, "request fields");
   memset(s, 0, sizeof *s);
+  top = lua_gettop(L);
+  rawfield(L, t, "method");
+  s->method = check_method(L, top + 1, what);
+  rawfield(L, t, "url");
+  s->url = check_url(L, top + 2, what);
+  rawfield(L, t, "body");
+  s->body = opt_string_at(L, top + 3, what, "body", NULL, &s->bodylen);
+  rawfield(L, t, "headers");
+  check_headers(L, top + 4, what, s);
+  rawfield(L, t, "timeout");
+  s->timeoutMs = opt_ms_at(L, top + 5, what, "timeout", d->timeoutMs);
+  rawfield(L, t, "connectTimeout");
+  s->connectMs = opt_ms_at(L, top + 6, what, "connectTimeout", d->connectMs);
+  rawfield(L, t, "caFile");
+  s->conn.caFile = opt_string_at(L, top + 7, what, "caFile", d->conn.caFile, NULL);
+  rawfield(L, t, "verify");
+  s->conn.verify = opt_bool_at(L, top + 8, what, "verify", d->conn.verify);
+  rawfield(L, t, "proxy");
+  s->conn.proxy = opt_string_at(L, top + 9, what, "proxy", d->conn.proxy, NULL);
+  rawfield(L, t, "noProxy");
+  s->conn.noProxy = opt_string_at(L, top + 10, what, "noProxy", d->conn.noProxy, NULL);
+  rawfield(L, t, "verbose");
+  s->conn.verbose = opt_bool_at(L, top + 11, what, "verbose", d->conn.verbose);
+  rawfield(L, t, "maxBody");
+  s->maxBody = opt_size_at(L, top + 12, what, "maxBody", d->maxBody);
+}
 
-  if (rawfield(L, t, "method") != LUA_TSTRING) bad_field(L, "method", "string");
-  s->method = lua_tostring(L, -1);
-  for (k = 0; methods[k] && strcmp(methods[k], s->method) != 0; k++) {}
-  if (!methods[k])
-    luaL_error(L, "bad request field 'method' (GET, PUT, POST, PATCH or DELETE expected, got '%s')",
-               s->method);
+/* Reads positional arguments (method, url, headers, body, timeout, connectTimeout, maxBody)
+ * starting at `first`; the connection settings are the handle's. Raises on misuse. */
+static void read_req_args(lua_State *L, int first, reqspec *s, const defaults *d) {
+  static const char what[] = "argument";
+  memset(s, 0, sizeof *s);
+  s->method = check_method(L, first, what);
+  s->url = check_url(L, first + 1, what);
+  check_headers(L, first + 2, what, s);
+  s->body = opt_string_at(L, first + 3, what, "body", NULL, &s->bodylen);
+  s->timeoutMs = opt_ms_at(L, first + 4, what, "timeout", d->timeoutMs);
+  s->connectMs = opt_ms_at(L, first + 5, what, "connectTimeout", d->connectMs);
+  s->maxBody = opt_size_at(L, first + 6, what, "maxBody", d->maxBody);
+  s->conn = d->conn;
+}
 
-  if (rawfield(L, t, "url") != LUA_TSTRING) bad_field(L, "url", "string");
-  s->url = lua_tolstring(L, -1, &len);
-  if (len == 0 || strlen(s->url) != len)
-    luaL_error(L, "bad request field 'url' (non-empty string without NUL expected)");
+static void defaults_free(defaults *d) {
+  free((char *)d->conn.caFile);
+  free((char *)d->conn.proxy);
+  free((char *)d->conn.noProxy);
+  memset(&d->conn, 0, sizeof d->conn);
+}
 
-  s->body = opt_string(L, t, "body", &s->bodylen);
-  s->hasBody = s->body != NULL;
+static char *dup_or_null(const char *s, int *oom) {
+  char *p;
+  if (!s) return NULL;
+  p = (char *)malloc(strlen(s) + 1);
+  if (!p) { *oom = 1; return NULL; }
+  return strcpy(p, s);
+}
 
-  ty = rawfield(L, t, "headers");
-  if (ty == LUA_TTABLE) {
-    s->headers = lua_gettop(L);
-    n = (size_t)lua_rawlen(L, s->headers);
-    for (i = 1; i <= n; i++) {
-      const char *h;
-      lua_rawgeti(L, s->headers, (int)i);
-      if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_error(L, "bad request field 'headers' (string expected at index %d, got %s)", (int)i,
-                   luaL_typename(L, -1));
-      h = lua_tolstring(L, -1, &len);
-      if (strlen(h) != len || strpbrk(h, "\r\n"))
-        luaL_error(L, "bad request field 'headers' (line %d contains CR, LF or NUL)", (int)i);
-      if (header_is(h, len, "content-type")) s->userCtype = 1;
-      if (header_is(h, len, "expect")) s->userExpect = 1;
-      lua_pop(L, 1); /* still referenced by the headers table on the stack */
-    }
-  } else if (ty != LUA_TNIL) {
-    bad_field(L, "headers", "table");
-  }
-
-  s->timeout = opt_seconds(L, t, "timeout");
-  s->connectTimeout = opt_seconds(L, t, "connectTimeout");
-  s->caFile = opt_string(L, t, "caFile", NULL);
-  s->verify = opt_bool(L, t, "verify", 1);
-  s->proxy = opt_string(L, t, "proxy", NULL);
-  s->noProxy = opt_string(L, t, "noProxy", NULL);
-  s->verbose = opt_bool(L, t, "verbose", 0);
-
-  ty = rawfield(L, t, "maxBody");
-  if (ty == LUA_TNIL) {
-    s->maxBody = DEFAULT_MAX_BODY;
-  } else {
-    if (ty != LUA_TNUMBER) bad_field(L, "maxBody", "number");
-    mb = lua_tonumber(L, -1);
-    if (!(mb >= 0)) luaL_error(L, "bad request field 'maxBody' (non-negative number expected)");
-    s->maxBody = mb >= (double)((size_t)-1 / 2) ? (size_t)-1 / 2 : (size_t)mb;
-  }
+/* Reads handle options { caFile, verify, proxy, noProxy, verbose, timeout, connectTimeout,
+ * maxBody } from the table at idx (nil: none). Raises on misuse; returns 0 when out of memory. */
+static int read_defaults(lua_State *L, int idx, defaults *d) {
+  static const char what[] = "option";
+  const char *ca, *proxy, *noProxy;
+  int top, oom = 0;
+  memset(d, 0, sizeof *d);
+  d->conn.verify = 1;
+  d->maxBody = DEFAULT_MAX_BODY;
+  if (lua_isnoneornil(L, idx)) return 1;
+  idx = lua_absindex(L, idx);
+  luaL_checktype(L, idx, LUA_TTABLE);
+  luaL_checkstack(L, 16, "handle options");
+  top = lua_gettop(L);
+  rawfield(L, idx, "caFile");
+  rawfield(L, idx, "proxy");
+  rawfield(L, idx, "noProxy");
+  rawfield(L, idx, "verify");
+  rawfield(L, idx, "verbose");
+  rawfield(L, idx, "timeout");
+  rawfield(L, idx, "connectTimeout");
+  rawfield(L, idx, "maxBody");
+  ca = opt_string_at(L, top + 1, what, "caFile", NULL, NULL);
+  proxy = opt_string_at(L, top + 2, what, "proxy", NULL, NULL);
+  noProxy = opt_string_at(L, top + 3, what, "noProxy", NULL, NULL);
+  d->conn.verify = opt_bool_at(L, top + 4, what, "verify", 1);
+  d->conn.verbose = opt_bool_at(L, top + 5, what, "verbose", 0);
+  d->timeoutMs = opt_ms_at(L, top + 6, what, "timeout", 0);
+  d->connectMs = opt_ms_at(L, top + 7, what, "connectTimeout", 0);
+  d->maxBody = opt_size_at(L, top + 8, what, "maxBody", DEFAULT_MAX_BODY);
+  lua_settop(L, top);
+  d->conn.caFile = dup_or_null(ca, &oom);
+  d->conn.proxy = dup_or_null(proxy, &oom);
+  d->conn.noProxy = dup_or_null(noProxy, &oom);
+  if (oom) defaults_free(d);
+  return !oom;
 }
 
 /* ---------------------------------------------------------------- transfers */
 
 typedef struct xfer {
   CURL *curl;
-  struct curl_slist *slist;
+  struct curl_slist *hlist; /* request header list: nodes owned here, reused across requests */
+  int hcap;
+  iothub_buffer hcopy;      /* header text, when it must outlive the Lua strings (multi) */
+  iothub_buffer reqbody;    /* request body copy, likewise */
   iothub_buffer body;
   iothub_buffer hdrs;
   size_t maxBody;
@@ -221,9 +355,19 @@ typedef struct xfer {
   CURLcode result;
   lua_Integer id;
   struct xfer *next;
-  char where[384]; /* "METHOD scheme://host:port" for messages; never the query */
+  const char *method; /* static (METHOD_NAMES) */
+  /* what libcurl has been given; ready = 0 until the constant options are set */
+  int ready;
+  char *caFile, *proxy, *noProxy;
+  int verify, verbose;
+  long timeoutMs, connectMs;
+  curl_off_t maxFile;
   char errbuf[CURL_ERROR_SIZE];
 } xfer;
+
+/* libcurl's list type carries non-const data; these are never written. */
+static char EXPECT_OFF[] = "Expect:";      /* no 100-continue round trip before a body */
+static char CTYPE_OFF[] = "Content-Type:"; /* drops libcurl's form-urlencoded default */
 
 static size_t on_body(char *p, size_t size, size_t nmemb, void *ud) {
   xfer *x = (xfer *)ud;
@@ -243,8 +387,18 @@ static size_t on_header(char *p, size_t size, size_t nmemb, void *ud) {
   return x->hdrs.failed ? 0 : len;
 }
 
+static void forget_applied(xfer *x) {
+  free(x->caFile);
+  free(x->proxy);
+  free(x->noProxy);
+  x->caFile = x->proxy = x->noProxy = NULL;
+  x->ready = 0;
+}
+
 static int xfer_init(xfer *x) {
   memset(x, 0, sizeof *x);
+  buffer_init(&x->hcopy);
+  buffer_init(&x->reqbody);
   buffer_init(&x->body);
   buffer_init(&x->hdrs);
   x->curl = curl_easy_init();
@@ -254,28 +408,35 @@ static int xfer_init(xfer *x) {
 static void xfer_cleanup(xfer *x) {
   if (x->curl) curl_easy_cleanup(x->curl);
   x->curl = NULL;
-  curl_slist_free_all(x->slist);
-  x->slist = NULL;
+  free(x->hlist);
+  x->hlist = NULL;
+  x->hcap = 0;
+  forget_applied(x);
+  buffer_free(&x->hcopy);
+  buffer_free(&x->reqbody);
   buffer_free(&x->body);
   buffer_free(&x->hdrs);
 }
 
-/* Forget the last response; big buffers are released rather than kept for reuse. */
-static void xfer_clear(xfer *x) {
-  if (x->body.cap > KEEP_BUFFER_BYTES) buffer_free(&x->body); else buffer_reset(&x->body);
-  if (x->hdrs.cap > KEEP_BUFFER_BYTES) buffer_free(&x->hdrs); else buffer_reset(&x->hdrs);
-  curl_slist_free_all(x->slist);
-  x->slist = NULL;
+static void keep_or_free(iothub_buffer *b) {
+  if (b->cap > KEEP_BUFFER_BYTES) buffer_free(b); else buffer_reset(b);
 }
 
-/* "METHOD scheme://host:port" by plain string work: it runs on every request, and the URLs are
- * ours (built by the client), so a full URL parse would only cost time. Never the path or query. */
-static void set_where(xfer *x, const char *method, const char *url) {
-  const char *sep = strstr(url, "://");
+/* Forget the last exchange; big buffers are released rather than kept for reuse. */
+static void xfer_clear(xfer *x) {
+  keep_or_free(&x->body);
+  keep_or_free(&x->hdrs);
+  keep_or_free(&x->hcopy);
+  keep_or_free(&x->reqbody);
+}
+
+/* "METHOD scheme://host:port" for messages, by plain string work; never the path or query. */
+static void format_where(char *out, size_t outsz, const char *method, const char *url) {
+  const char *sep = url ? strstr(url, "://") : NULL;
   const char *host, *end, *colon;
   const char *dflt = "";
   if (!sep) {
-    snprintf(x->where, sizeof x->where, "%s <invalid URL>", method);
+    snprintf(out, outsz, "%s <invalid URL>", method);
     return;
   }
   host = sep + 3;
@@ -286,54 +447,27 @@ static void set_where(xfer *x, const char *method, const char *url) {
     if ((size_t)(sep - url) == 5 && strncmp(url, "https", 5) == 0) dflt = ":443";
     else if ((size_t)(sep - url) == 4 && strncmp(url, "http", 4) == 0) dflt = ":80";
   }
-  snprintf(x->where, sizeof x->where, "%s %.*s%s", method, (int)(end - url), url, dflt);
+  snprintf(out, outsz, "%s %.*s%s", method, (int)(end - url), url, dflt);
 }
 
-static long to_ms(double seconds) {
-  if (seconds <= 0) return 0;
-  if (seconds > 1e9) return 1000000000L * 1000L;
-  return (long)(seconds * 1000.0 + 0.999); /* round up: a tiny timeout must not become "none" */
+static int streq_null(const char *a, const char *b) {
+  return a == b || (a && b && strcmp(a, b) == 0);
 }
 
 #define SET(opt, val) do { if (rc == CURLE_OK) rc = curl_easy_setopt(c, opt, val); } while (0)
 
-/* Apply pass: never raises; returns the first setopt failure. */
-static CURLcode xfer_setup(lua_State *L, xfer *x, const reqspec *s) {
+/* Options that never change, plus the connection settings; after a change of the latter the
+ * handle is reset first (which keeps its connections: keep-alive survives). */
+static CURLcode apply_connection(xfer *x, const connopts *o) {
   CURL *c = x->curl;
   CURLcode rc = CURLE_OK;
-  struct curl_slist *sl;
-  int custom = strcmp(s->method, "GET") != 0 && strcmp(s->method, "POST") != 0;
-  int sendBody = s->hasBody || strcmp(s->method, "POST") == 0 || strcmp(s->method, "PUT") == 0 ||
-                 strcmp(s->method, "PATCH") == 0;
-
-  curl_easy_reset(c); /* keeps the connection cache: keep-alive survives */
-  xfer_clear(x);
-  x->maxBody = s->maxBody;
-  x->tooLarge = 0;
-  x->result = CURLE_OK;
-  x->errbuf[0] = '\0';
-  set_where(x, s->method, s->url);
-
-  if (s->headers) {
-    size_t i, n = (size_t)lua_rawlen(L, s->headers);
-    for (i = 1; i <= n; i++) {
-      lua_rawgeti(L, s->headers, (int)i);
-      sl = curl_slist_append(x->slist, lua_tostring(L, -1));
-      lua_pop(L, 1);
-      if (!sl) return CURLE_OUT_OF_MEMORY;
-      x->slist = sl;
-    }
-  }
-  if (!s->userExpect) {
-    if (!(sl = curl_slist_append(x->slist, "Expect:"))) return CURLE_OUT_OF_MEMORY;
-    x->slist = sl;
-  }
-  if (sendBody && !s->userCtype) { /* drop libcurl's form-urlencoded default */
-    if (!(sl = curl_slist_append(x->slist, "Content-Type:"))) return CURLE_OUT_OF_MEMORY;
-    x->slist = sl;
-  }
-
-  SET(CURLOPT_URL, s->url);
+  int oom = 0;
+  if (x->ready && x->verify == o->verify && x->verbose == o->verbose &&
+      streq_null(x->caFile, o->caFile) && streq_null(x->proxy, o->proxy) &&
+      streq_null(x->noProxy, o->noProxy))
+    return CURLE_OK;
+  curl_easy_reset(c); /* also undoes whatever a failed earlier attempt left set */
+  forget_applied(x);
 #if LIBCURL_VERSION_NUM >= 0x075500
   SET(CURLOPT_PROTOCOLS_STR, "http,https");
 #else
@@ -349,54 +483,155 @@ static CURLcode xfer_setup(lua_State *L, xfer *x, const reqspec *s) {
   SET(CURLOPT_HEADERFUNCTION, on_header);
   SET(CURLOPT_HEADERDATA, (void *)x);
   SET(CURLOPT_PRIVATE, (void *)x);
-  SET(CURLOPT_HTTPHEADER, x->slist);
-  if (s->maxBody > 0) /* lets libcurl refuse early when Content-Length is already too big */
-    SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)s->maxBody);
+  SET(CURLOPT_SSL_VERIFYPEER, o->verify ? 1L : 0L);
+  SET(CURLOPT_SSL_VERIFYHOST, o->verify ? 2L : 0L);
+  SET(CURLOPT_PROXY_SSL_VERIFYPEER, o->verify ? 1L : 0L);
+  SET(CURLOPT_PROXY_SSL_VERIFYHOST, o->verify ? 2L : 0L);
+  if (o->caFile) {
+    /* only this file: the system bundle and directory are never loaded */
+    SET(CURLOPT_CAINFO, o->caFile);
+    SET(CURLOPT_CAPATH, (char *)NULL);
+    SET(CURLOPT_PROXY_CAINFO, o->caFile);
+    SET(CURLOPT_PROXY_CAPATH, (char *)NULL);
+  }
+  /* nil leaves libcurl's environment handling (http_proxy, no_proxy, ...) alone */
+  if (o->proxy) SET(CURLOPT_PROXY, o->proxy);
+  if (o->noProxy) SET(CURLOPT_NOPROXY, o->noProxy);
+  SET(CURLOPT_VERBOSE, o->verbose ? 1L : 0L);
+  if (rc != CURLE_OK) return rc;
+  x->caFile = dup_or_null(o->caFile, &oom);
+  x->proxy = dup_or_null(o->proxy, &oom);
+  x->noProxy = dup_or_null(o->noProxy, &oom);
+  if (oom) {
+    forget_applied(x);
+    return CURLE_OUT_OF_MEMORY;
+  }
+  x->verify = o->verify;
+  x->verbose = o->verbose;
+  x->timeoutMs = x->connectMs = -1; /* reset cleared them: set again below */
+  x->maxFile = -1;
+  x->ready = 1;
+  return CURLE_OK;
+}
 
+/* Points the handle's header list at the request's lines: the Lua strings themselves when the
+ * transfer ends within this call (easy), else copies kept in the transfer (multi). */
+static CURLcode build_headers(lua_State *L, xfer *x, const reqspec *s, int sendBody, int copy) {
+  int n = s->nheaders + 2, used = 0, i;
+  size_t len;
+  if (n > x->hcap) {
+    struct curl_slist *p = (struct curl_slist *)realloc(x->hlist, (size_t)n * sizeof *p);
+    if (!p) return CURLE_OUT_OF_MEMORY;
+    x->hlist = p;
+    x->hcap = n;
+  }
+  if (copy) { /* one allocation that never moves while the lines are copied in */
+    size_t total = 0;
+    for (i = 1; i <= s->nheaders; i++) {
+      lua_rawgeti(L, s->headers, i);
+      lua_tolstring(L, -1, &len);
+      total += len + 1;
+      lua_pop(L, 1);
+    }
+    buffer_reset(&x->hcopy);
+    if (!buffer_reserve(&x->hcopy, total)) return CURLE_OUT_OF_MEMORY;
+  }
+  for (i = 1; i <= s->nheaders; i++) {
+    const char *h;
+    lua_rawgeti(L, s->headers, i);
+    h = lua_tolstring(L, -1, &len);
+    if (copy) {
+      char *dst = x->hcopy.data + x->hcopy.len;
+      memcpy(dst, h, len + 1); /* with the NUL Lua keeps after every string */
+      x->hcopy.len += len + 1;
+      x->hlist[used++].data = dst;
+    } else {
+      x->hlist[used++].data = (char *)h; /* anchored by the headers table on the stack */
+    }
+    lua_pop(L, 1);
+  }
+  if (sendBody) { /* without a body libcurl adds neither, and a shorter list is cheaper */
+    if (!s->userExpect) x->hlist[used++].data = EXPECT_OFF;
+    if (!s->userCtype) x->hlist[used++].data = CTYPE_OFF;
+  }
+  for (i = 0; i < used; i++) x->hlist[i].next = i + 1 < used ? &x->hlist[i + 1] : NULL;
+  return curl_easy_setopt(x->curl, CURLOPT_HTTPHEADER, used ? x->hlist : NULL);
+}
+
+/* Apply pass: never raises; returns the first setopt failure. copy: the transfer outlives
+ * this call (multi) while the request's strings may not, so libcurl gets copies. */
+static CURLcode xfer_setup(lua_State *L, xfer *x, const reqspec *s, int copy) {
+  CURL *c = x->curl;
+  CURLcode rc;
+  const char *m = s->method;
+  int isGet = m == METHOD_NAMES[0], isPost = m == METHOD_NAMES[2];
+  int sendBody = s->body != NULL || isPost || m == METHOD_NAMES[1] || m == METHOD_NAMES[3];
+  curl_off_t maxFile = (curl_off_t)s->maxBody;
+
+  xfer_clear(x);
+  x->maxBody = s->maxBody;
+  x->tooLarge = 0;
+  x->result = CURLE_OK;
+  x->errbuf[0] = '\0';
+  x->method = m;
+
+  rc = apply_connection(x, &s->conn);
+  if (rc == CURLE_OK) rc = build_headers(L, x, s, sendBody, copy);
+  SET(CURLOPT_URL, s->url); /* libcurl copies it */
   if (sendBody) {
+    const char *b = s->body ? s->body : "";
+    if (copy && s->bodylen > 0) {
+      buffer_append(&x->reqbody, s->body, s->bodylen);
+      if (x->reqbody.failed) return CURLE_OUT_OF_MEMORY;
+      b = x->reqbody.data;
+    }
     SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)s->bodylen);
-    /* copied: a multi transfer outlives the Lua string's stack slot */
-    SET(CURLOPT_COPYPOSTFIELDS, s->hasBody ? s->body : "");
+    SET(CURLOPT_POSTFIELDS, b); /* not copied: the Lua string or reqbody outlives the transfer */
   } else {
     SET(CURLOPT_HTTPGET, 1L);
   }
-  if (custom || (sendBody && strcmp(s->method, "GET") == 0)) SET(CURLOPT_CUSTOMREQUEST, s->method);
-
-  SET(CURLOPT_TIMEOUT_MS, to_ms(s->timeout));
-  SET(CURLOPT_CONNECTTIMEOUT_MS, to_ms(s->connectTimeout));
-
-  SET(CURLOPT_SSL_VERIFYPEER, s->verify ? 1L : 0L);
-  SET(CURLOPT_SSL_VERIFYHOST, s->verify ? 2L : 0L);
-  SET(CURLOPT_PROXY_SSL_VERIFYPEER, s->verify ? 1L : 0L);
-  SET(CURLOPT_PROXY_SSL_VERIFYHOST, s->verify ? 2L : 0L);
-  if (s->caFile) {
-    SET(CURLOPT_CAINFO, s->caFile);
-    SET(CURLOPT_PROXY_CAINFO, s->caFile);
+  SET(CURLOPT_CUSTOMREQUEST, (!isGet && !isPost) || (sendBody && isGet) ? m : NULL);
+  if (x->timeoutMs != s->timeoutMs) {
+    SET(CURLOPT_TIMEOUT_MS, s->timeoutMs);
+    if (rc == CURLE_OK) x->timeoutMs = s->timeoutMs;
   }
-  /* nil leaves libcurl's environment handling (http_proxy, no_proxy, ...) alone */
-  if (s->proxy) SET(CURLOPT_PROXY, s->proxy);
-  if (s->noProxy) SET(CURLOPT_NOPROXY, s->noProxy);
-  SET(CURLOPT_VERBOSE, s->verbose ? 1L : 0L);
+  if (x->connectMs != s->connectMs) {
+    SET(CURLOPT_CONNECTTIMEOUT_MS, s->connectMs);
+    if (rc == CURLE_OK) x->connectMs = s->connectMs;
+  }
+  if (x->maxFile != maxFile) {
+    /* lets libcurl refuse early when Content-Length is already too big; 0 means no limit */
+    SET(CURLOPT_MAXFILESIZE_LARGE, maxFile);
+    if (rc == CURLE_OK) x->maxFile = maxFile;
+  }
   return rc;
 }
 
 #undef SET
 
-/* Describes a failed transfer as (message, code) on the stack. */
-static void push_error(lua_State *L, xfer *x, CURLcode rc) {
+/* Describes a failed transfer as (message, code) on the stack. url: the request's, or NULL to
+ * ask libcurl (it never follows redirects, so that is the same URL). */
+static void push_error(lua_State *L, xfer *x, CURLcode rc, const char *url) {
+  char where[384];
+  if (!url) {
+    char *eff = NULL;
+    curl_easy_getinfo(x->curl, CURLINFO_EFFECTIVE_URL, &eff);
+    url = eff;
+  }
+  format_where(where, sizeof where, x->method ? x->method : "?", url);
   if (x->tooLarge == 1 || rc == CURLE_FILESIZE_EXCEEDED) {
     char n[32];
     snprintf(n, sizeof n, "%zu", x->maxBody); /* lua_pushfstring has no size_t format */
-    lua_pushfstring(L, "%s: response body exceeds maxBody (%s bytes)", x->where, n);
+    lua_pushfstring(L, "%s: response body exceeds maxBody (%s bytes)", where, n);
     lua_pushliteral(L, "ResponseTooLarge");
   } else if (x->tooLarge == 2) {
-    lua_pushfstring(L, "%s: response headers exceed %d bytes", x->where, (int)MAX_HEADER_BYTES);
+    lua_pushfstring(L, "%s: response headers exceed %d bytes", where, (int)MAX_HEADER_BYTES);
     lua_pushliteral(L, "ResponseTooLarge");
   } else if (rc == CURLE_WRITE_ERROR && (x->body.failed || x->hdrs.failed)) {
-    lua_pushfstring(L, "%s: out of memory buffering the response", x->where);
+    lua_pushfstring(L, "%s: out of memory buffering the response", where);
     lua_pushliteral(L, "CURLE_OUT_OF_MEMORY");
   } else {
-    lua_pushfstring(L, "%s: %s (%s)", x->where, x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc),
+    lua_pushfstring(L, "%s: %s (%s)", where, x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc),
                     curle_name(rc));
     lua_pushstring(L, curle_name(rc));
   }
@@ -409,7 +644,7 @@ static void push_headers(lua_State *L, xfer *x) {
   char *p = x->hdrs.data, *end = p + x->hdrs.len;
   const char *last = NULL;
   size_t lastlen = 0;
-  lua_newtable(L);
+  lua_createtable(L, 0, 8); /* sized for a typical response: no rehashing while filling */
   while (p && p < end) {
     char *eol = memchr(p, '\n', (size_t)(end - p));
     char *line = p, *lend = eol ? eol : end, *colon, *name, *v, *vend, *q;
@@ -422,8 +657,6 @@ static void push_headers(lua_State *L, xfer *x) {
     if (cont) {
       if (!last) continue;
       v = line;
-      name = NULL;
-      colon = NULL;
     } else {
       colon = memchr(line, ':', (size_t)(lend - line));
       if (!colon) continue;
@@ -459,10 +692,22 @@ static int response_status(xfer *x) {
   return (int)code;
 }
 
+/* Pushes { status =, headers =, body = } for a finished transfer. */
+static void push_response(lua_State *L, xfer *x) {
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, response_status(x));
+  lua_setfield(L, -2, "status");
+  push_headers(L, x);
+  lua_setfield(L, -2, "headers");
+  lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
+  lua_setfield(L, -2, "body");
+}
+
 /* ---------------------------------------------------------------- easy */
 
 typedef struct {
   xfer x;
+  defaults d;
   int closed;
 } easy_ud;
 
@@ -472,34 +717,56 @@ static easy_ud *check_easy(lua_State *L) {
   return e;
 }
 
+/* curl.easy([options]) -> handle; options are defaults for every request (see read_defaults). */
 static int l_easy(lua_State *L) {
-  easy_ud *e = (easy_ud *)lua_newuserdatauv(L, sizeof(easy_ud), 0);
+  easy_ud *e;
+  lua_settop(L, 1); /* the options (or nil) stay at 1, the handle goes to 2 */
+  e = (easy_ud *)lua_newuserdatauv(L, sizeof(easy_ud), 0);
+  memset(e, 0, sizeof *e);
   e->closed = 1;
-  memset(&e->x, 0, sizeof e->x);
-  luaL_setmetatable(L, EASY_MT);
+  luaL_setmetatable(L, EASY_MT); /* from here on __gc frees whatever was allocated */
+  if (!read_defaults(L, 1, &e->d)) return iothub_fail(L, "CURLE_OUT_OF_MEMORY", "curl.easy: out of memory");
   if (!xfer_init(&e->x)) return iothub_fail(L, "CURLE_FAILED_INIT", "curl_easy_init failed");
   e->closed = 0;
   return 1;
 }
 
-static int easy_perform(lua_State *L) {
-  easy_ud *e = check_easy(L);
-  reqspec s;
-  CURLcode rc;
-  read_req(L, 2, &s);
-  rc = xfer_setup(L, &e->x, &s);
+/* Runs s on the handle; on success leaves the response in e->x and returns CURLE_OK, else
+ * pushes nil, message, code. */
+static CURLcode easy_run(lua_State *L, easy_ud *e, const reqspec *s) {
+  CURLcode rc = xfer_setup(L, &e->x, s, 0);
   if (rc == CURLE_OK) rc = curl_easy_perform(e->x.curl);
   if (rc != CURLE_OK) {
     lua_pushnil(L);
-    push_error(L, &e->x, rc);
+    push_error(L, &e->x, rc, s->url);
     xfer_clear(&e->x);
-    return 3;
   }
+  return rc;
+}
+
+/* e:perform{ method=, url=, headers=, body=, timeout=, ... } -> status, headers, body */
+static int easy_perform(lua_State *L) {
+  easy_ud *e = check_easy(L);
+  reqspec s;
+  read_req_table(L, 2, &s, &e->d);
+  if (easy_run(L, e, &s) != CURLE_OK) return 3;
   lua_pushinteger(L, response_status(&e->x));
   push_headers(L, &e->x);
   lua_pushlstring(L, e->x.body.data ? e->x.body.data : "", e->x.body.len);
   xfer_clear(&e->x);
   return 3;
+}
+
+/* e:request(method, url [, headers [, body [, timeout [, connectTimeout [, maxBody]]]]])
+ * -> { status =, headers =, body = }: the per-call fast path (no request table to read). */
+static int easy_request(lua_State *L) {
+  easy_ud *e = check_easy(L);
+  reqspec s;
+  read_req_args(L, 2, &s, &e->d);
+  if (easy_run(L, e, &s) != CURLE_OK) return 3;
+  push_response(L, &e->x);
+  xfer_clear(&e->x);
+  return 1;
 }
 
 static int easy_stats(lua_State *L) {
@@ -529,6 +796,7 @@ static int easy_close(lua_State *L) {
     xfer_cleanup(&e->x);
     e->closed = 1;
   }
+  defaults_free(&e->d);
   return 0;
 }
 
@@ -548,6 +816,7 @@ typedef struct {
   xfer *pool;                /* idle handles for reuse */
   int nactive, ndone, npool;
   lua_Integer nextId;
+  defaults d;
   int closed;
 } multi_ud;
 
@@ -566,10 +835,10 @@ static void xfer_destroy(xfer *x) {
   free(x);
 }
 
+/* Back to the pool; the handle keeps its options (and libcurl its connections) for reuse. */
 static void multi_release(multi_ud *mu, xfer *x) {
   if (mu->npool >= MULTI_POOL_MAX) { xfer_destroy(x); return; }
   xfer_clear(x);
-  curl_easy_reset(x->curl); /* frees the copied request body now rather than at reuse */
   x->next = mu->pool;
   mu->pool = x;
   mu->npool++;
@@ -609,17 +878,20 @@ static void multi_collect(multi_ud *mu) {
   }
 }
 
+/* curl.multi([options]) -> handle; options: maxHostConnections, maxTotalConnections, and the
+ * request defaults curl.easy takes. */
 static int l_multi(lua_State *L) {
   multi_ud *mu;
   lua_Integer maxHost = 0, maxTotal = 0;
-  if (!lua_isnoneornil(L, 1)) {
+  lua_settop(L, 1); /* the options (or nil) stay at 1, the handle goes to 2 */
+  if (!lua_isnil(L, 1)) {
     luaL_checktype(L, 1, LUA_TTABLE);
     if (rawfield(L, 1, "maxHostConnections") != LUA_TNIL) {
-      if (lua_type(L, -1) != LUA_TNUMBER) bad_field(L, "maxHostConnections", "number");
+      if (lua_type(L, -1) != LUA_TNUMBER) bad_value(L, -1, "option", "maxHostConnections", "number");
       maxHost = lua_tointeger(L, -1);
     }
     if (rawfield(L, 1, "maxTotalConnections") != LUA_TNIL) {
-      if (lua_type(L, -1) != LUA_TNUMBER) bad_field(L, "maxTotalConnections", "number");
+      if (lua_type(L, -1) != LUA_TNUMBER) bad_value(L, -1, "option", "maxTotalConnections", "number");
       maxTotal = lua_tointeger(L, -1);
     }
     lua_pop(L, 2);
@@ -628,7 +900,8 @@ static int l_multi(lua_State *L) {
   mu = (multi_ud *)lua_newuserdatauv(L, sizeof(multi_ud), 0);
   memset(mu, 0, sizeof *mu);
   mu->closed = 1;
-  luaL_setmetatable(L, MULTI_MT);
+  luaL_setmetatable(L, MULTI_MT); /* from here on __gc frees whatever was allocated */
+  if (!read_defaults(L, 1, &mu->d)) return iothub_fail(L, "CURLM_OUT_OF_MEMORY", "curl.multi: out of memory");
   mu->m = curl_multi_init();
   if (!mu->m) return iothub_fail(L, "CURLM_OUT_OF_MEMORY", "curl_multi_init failed");
   mu->closed = 0;
@@ -637,36 +910,36 @@ static int l_multi(lua_State *L) {
   return 1;
 }
 
-static int multi_add(lua_State *L) {
-  multi_ud *mu = check_multi(L);
-  reqspec s;
+/* Starts s on a pooled (or new) handle; pushes its id, or nil, message, code. */
+static int multi_start(lua_State *L, multi_ud *mu, const reqspec *s) {
   xfer *x;
   CURLcode rc;
   CURLMcode mc;
-  read_req(L, 2, &s);
   if (mu->pool) {
     x = mu->pool;
     mu->pool = x->next;
     mu->npool--;
   } else {
     x = (xfer *)malloc(sizeof *x);
-    if (!x) return iothub_fail(L, "CURLE_OUT_OF_MEMORY", "%s: out of memory", s.method);
+    if (!x) return iothub_fail(L, "CURLE_OUT_OF_MEMORY", "%s: out of memory", s->method);
     if (!xfer_init(x)) {
       free(x);
-      return iothub_fail(L, "CURLE_FAILED_INIT", "%s: curl_easy_init failed", s.method);
+      return iothub_fail(L, "CURLE_FAILED_INIT", "%s: curl_easy_init failed", s->method);
     }
   }
-  rc = xfer_setup(L, x, &s);
+  rc = xfer_setup(L, x, s, 1);
   if (rc != CURLE_OK) {
     lua_pushnil(L);
-    push_error(L, x, rc);
+    push_error(L, x, rc, s->url);
     multi_release(mu, x);
     return 3;
   }
   mc = curl_multi_add_handle(mu->m, x->curl);
   if (mc != CURLM_OK) {
+    char where[384];
+    format_where(where, sizeof where, s->method, s->url);
     lua_pushnil(L);
-    lua_pushfstring(L, "%s: %s (%s)", x->where, curl_multi_strerror(mc), curlm_name(mc));
+    lua_pushfstring(L, "%s: %s (%s)", where, curl_multi_strerror(mc), curlm_name(mc));
     lua_pushstring(L, curlm_name(mc));
     multi_release(mu, x);
     return 3;
@@ -677,6 +950,22 @@ static int multi_add(lua_State *L) {
   mu->nactive++;
   lua_pushinteger(L, x->id);
   return 1;
+}
+
+/* m:add{ method=, url=, ... } -> id */
+static int multi_add(lua_State *L) {
+  multi_ud *mu = check_multi(L);
+  reqspec s;
+  read_req_table(L, 2, &s, &mu->d);
+  return multi_start(L, mu, &s);
+}
+
+/* m:submit(method, url [, headers [, body [, timeout [, connectTimeout [, maxBody]]]]]) -> id */
+static int multi_submit(lua_State *L) {
+  multi_ud *mu = check_multi(L);
+  reqspec s;
+  read_req_args(L, 2, &s, &mu->d);
+  return multi_start(L, mu, &s);
 }
 
 static int multi_perform(lua_State *L) {
@@ -731,7 +1020,7 @@ static int multi_completed(lua_State *L) {
       lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
       lua_setfield(L, -2, "body");
     } else {
-      push_error(L, x, x->result);
+      push_error(L, x, x->result, NULL);
       lua_setfield(L, -3, "code");
       lua_setfield(L, -2, "error");
     }
@@ -786,6 +1075,7 @@ static void free_list(xfer *x) {
 static int multi_close(lua_State *L) {
   multi_ud *mu = (multi_ud *)luaL_checkudata(L, 1, MULTI_MT);
   xfer *x;
+  defaults_free(&mu->d);
   if (mu->closed) return 0;
   for (x = mu->active; x; x = x->next) curl_multi_remove_handle(mu->m, x->curl);
   free_list(mu->active);
@@ -833,10 +1123,12 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, l
 int luaopen_iothub_curl(lua_State *L) {
   static int initialized = 0;
   static const luaL_Reg easy_methods[] = {
-    { "perform", easy_perform }, { "stats", easy_stats }, { "close", easy_close }, { NULL, NULL }
+    { "request", easy_request }, { "perform", easy_perform }, { "stats", easy_stats },
+    { "close", easy_close },     { NULL, NULL }
   };
   static const luaL_Reg multi_methods[] = {
-    { "add", multi_add },           { "perform", multi_perform }, { "wait", multi_wait },
+    { "submit", multi_submit },     { "add", multi_add },
+    { "perform", multi_perform },   { "wait", multi_wait },
     { "timeout", multi_timeout },   { "completed", multi_completed },
     { "cancel", multi_cancel },     { "pending", multi_pending },  { "close", multi_close },
     { NULL, NULL }

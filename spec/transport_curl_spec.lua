@@ -80,6 +80,68 @@ describe("iothub.curl / transport.curl", function()
       e:close()
     end)
 
+    it("easy:request is the positional fast path and returns { status, headers, body }", function()
+      local e = curl.easy({ proxy = "", timeout = 10 })
+      local res = assert(e:request("POST", srv.http_url .. "/echo?q=1", { "X-One: 1" }, "hi"))
+      assert.equal(200, res.status)
+      assert.equal("application/json", res.headers["content-type"])
+      local got = cjson.decode(res.body)
+      assert.equal("POST", got.method)
+      assert.equal("/echo?q=1", got.uri)
+      assert.equal("hi", got.body)
+      assert.equal("1", got.headers["x-one"])
+      local none, msg, code = e:request("GET", "http://127.0.0.1:1/x?sig=secret")
+      assert.is_nil(none)
+      assert.equal("CURLE_COULDNT_CONNECT", code)
+      assert.matches("GET http://127.0.0.1:1", msg, 1, true)
+      assert.not_matches("secret", msg, 1, true)
+      assert.has_error(function() e:request("HEAD", srv.http_url) end,
+        "bad argument 'method' (GET, PUT, POST, PATCH or DELETE expected, got 'HEAD')")
+      assert.has_error(function() e:request("GET", 5) end, "bad argument 'url' (string expected, got number)")
+      assert.has_error(function() e:request("GET", srv.http_url, "X: y") end,
+        "bad argument 'headers' (table expected, got string)")
+      assert.has_error(function() e:request("GET", srv.http_url, nil, nil, -1) end,
+        "bad argument 'timeout' (non-negative number expected)")
+      e:close()
+    end)
+
+    it("handle options are every request's defaults; request fields override them", function()
+      assert.has_error(function() curl.easy({ caFile = true }) end,
+        "bad option 'caFile' (string expected, got boolean)")
+      assert.has_error(function() curl.multi({ verify = "no" }) end,
+        "bad option 'verify' (boolean expected, got string)")
+      local e = curl.easy({ caFile = srv.ca_file, proxy = "", maxBody = 5 })
+      local status, _, code = e:perform({ method = "GET", url = srv.https_url .. "/echo" })
+      assert.is_nil(status)
+      assert.equal("ResponseTooLarge", code) -- the default maxBody, over verified TLS
+      assert.equal(200, (e:perform({ method = "GET", url = srv.https_url .. "/echo", maxBody = 1e6 })))
+      e:close()
+    end)
+
+    it("a handle re-applies changed connection settings and keeps unchanged ones", function()
+      local e = curl.easy({ proxy = "" })
+      local function get(extra)
+        local req = { method = "GET", url = srv.https_url .. "/echo" }
+        for k, v in pairs(extra) do req[k] = v end
+        return e:perform(req)
+      end
+      local function connection(extra)
+        local status, _, body = get(extra)
+        assert.equal(200, status)
+        return cjson.decode(body).connection
+      end
+      local first = connection({ caFile = srv.ca_file })
+      assert.equal(first, connection({ caFile = srv.ca_file }))
+      assert.equal(0, e:stats().connects) -- unchanged settings: the connection was reused
+      local status, msg, code = get({}) -- back to the system CAs, which do not know the test CA
+      assert.is_nil(status)
+      assert.equal("CURLE_PEER_FAILED_VERIFICATION", code, msg)
+      assert.not_equal(first, connection({ verify = false })) -- not the verified connection
+      -- the verified connection is still cached: changing settings keeps keep-alive
+      assert.equal(first, connection({ caFile = srv.ca_file }))
+      e:close()
+    end)
+
     it("stats() describes the last transfer", function()
       local e = curl.easy()
       assert(e:perform({ method = "GET", url = srv.http_url .. "/echo", proxy = "" }))
@@ -144,6 +206,42 @@ describe("iothub.curl / transport.curl", function()
         assert.is_nil(got.headers["content-type"])
       end)
     end
+
+    it("one handle switches methods and bodies cleanly", function()
+      local steps = {
+        { "POST", '{"a":1}', "7" }, { "GET", nil, nil }, { "PUT", nil, "0" }, { "DELETE", "{}", "2" },
+        { "PATCH", "x", "1" }, { "DELETE", nil, nil }, { "GET", nil, nil }, { "POST", nil, "0" },
+      }
+      for i, step in ipairs(steps) do
+        local got = echo(t, { method = step[1], url = srv.http_url .. "/echo?step=" .. i, body = step[2] })
+        assert.equal(step[1], got.method, "step " .. i)
+        assert.equal(step[2] or "", got.body, "step " .. i)
+        assert.equal(step[3], got.headers["content-length"], "step " .. i)
+        assert.is_nil(got.headers["content-type"], "step " .. i)
+        assert.equal(i, got.connectionRequests, "step " .. i)
+      end
+    end)
+
+    it("submitted requests keep their headers and bodies after the caller's strings are collected", function()
+      local ids = {}
+      for i = 1, 4 do
+        local body = ("b%d"):format(i):rep(3000 * i)
+        ids[assert(t:submit({ method = "PUT", url = srv.http_url .. "/echo",
+          headers = { "X-Step: " .. ("s"):rep(i) .. i } , body = body }))] = i
+      end
+      for _ = 1, 3 do collectgarbage("collect") end
+      local seen = 0
+      while seen < 4 do
+        for _, r in ipairs(t:poll(1)) do
+          local i = ids[r.id]
+          assert.is_nil(r.err)
+          local got = cjson.decode(r.res.body)
+          assert.equal(("b%d"):format(i):rep(3000 * i), got.body)
+          assert.equal(("s"):rep(i) .. i, got.headers["x-step"])
+          seen = seen + 1
+        end
+      end
+    end)
 
     it("sends request headers", function()
       local got = echo(t, { method = "GET", url = srv.http_url .. "/echo", headers = {

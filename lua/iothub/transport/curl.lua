@@ -8,6 +8,10 @@
 -- multi handle for concurrent transfers; requestCooperative() drives that multi
 -- handle between calls to a caller-supplied sleep(seconds), so a scheduler
 -- (cqueues, ...) can run other coroutines while a request is in flight.
+--
+-- Per request costs matter (a monitor polls for hours): the transport's options are given to
+-- each handle once, when it is created; a request passes only its own fields, positionally,
+-- and the C side reuses its header list and buffers.
 local curl = require "iothub.curl"
 
 local CurlTransport = {}
@@ -49,6 +53,12 @@ function CurlTransport.new(opts)
     connectTimeout = opts.connectTimeout,
     maxBody = opts.maxBody,
     verbose = opts.verbose,
+    -- what each iothub.curl handle is created with (its defaults for every request)
+    handleOptions = {
+      caFile = opts.caFile, verify = opts.verify ~= false, proxy = opts.proxy, noProxy = opts.noProxy,
+      verbose = opts.verbose, timeout = opts.timeout, connectTimeout = opts.connectTimeout,
+      maxBody = opts.maxBody,
+    },
     ready = {},        -- completed submit() transfers not yet returned by poll()
     claimed = {},      -- ids owned by requestCooperative() callers
     claimedDone = {},  -- their results, keyed by id
@@ -73,60 +83,62 @@ local function make_error(message, code)
 end
 CurlTransport.classify = make_error
 
--- The table iothub.curl reads; per-request values override the transport's.
-function CurlTransport:_build(req, level)
+-- Raises on a malformed request (a bug in the caller). Plain comparisons only: this runs on
+-- every request, so it allocates nothing.
+local function check_number(v, name, level)
+  if v ~= nil and (type(v) ~= "number" or v < 0 or v ~= v) then -- v ~= v: NaN
+    error(("CurlTransport: request.%s must be a non-negative number"):format(name), level + 1)
+  end
+end
+
+function CurlTransport:_check(req, level)
   if self.closed then error("CurlTransport: transport is closed", level + 1) end
   if type(req) ~= "table" then error("CurlTransport: request must be a table, got " .. type(req), level + 1) end
-  if type(req.method) ~= "string" or not METHODS[req.method] then
-    error("CurlTransport: request.method must be GET, PUT, POST, PATCH or DELETE, got " .. tostring(req.method), level + 1)
+  local method = req.method
+  if type(method) ~= "string" or not METHODS[method] then
+    error("CurlTransport: request.method must be GET, PUT, POST, PATCH or DELETE, got " .. tostring(method), level + 1)
   end
   if type(req.url) ~= "string" then error("CurlTransport: request.url must be a string", level + 1) end
-  if req.headers ~= nil and type(req.headers) ~= "table" then
+  local headers, body = req.headers, req.body
+  if headers ~= nil and type(headers) ~= "table" then
     error("CurlTransport: request.headers must be an array of strings", level + 1)
   end
-  if req.body ~= nil and type(req.body) ~= "string" then
+  if body ~= nil and type(body) ~= "string" then
     error("CurlTransport: request.body must be a string or nil", level + 1)
   end
-  check_options({ timeout = req.timeout, connectTimeout = req.connectTimeout, maxBody = req.maxBody },
-    "CurlTransport: request", level + 1)
-  local timeout = req.timeout
-  if timeout == nil then timeout = self.timeout end
-  local connectTimeout = req.connectTimeout
-  if connectTimeout == nil then connectTimeout = self.connectTimeout end
-  local maxBody = req.maxBody
-  if maxBody == nil then maxBody = self.maxBody end
-  return {
-    method = req.method, url = req.url, headers = req.headers, body = req.body,
-    timeout = timeout, connectTimeout = connectTimeout, maxBody = maxBody,
-    caFile = self.caFile, verify = self.verify, proxy = self.proxy, noProxy = self.noProxy,
-    verbose = self.verbose,
-  }
+  check_number(req.timeout, "timeout", level + 1)
+  check_number(req.connectTimeout, "connectTimeout", level + 1)
+  check_number(req.maxBody, "maxBody", level + 1)
 end
 
 function CurlTransport:request(req)
-  local creq = self:_build(req, 2)
-  if not self.easy then
-    local e, msg, code = curl.easy()
+  self:_check(req, 2)
+  local e = self.easy
+  if not e then
+    local msg, code
+    e, msg, code = curl.easy(self.handleOptions)
     if not e then return nil, make_error(msg, code) end
     self.easy = e
   end
-  local status, headers, body = self.easy:perform(creq)
-  if not status then return nil, make_error(headers, body) end
-  return { status = status, headers = headers, body = body }
+  local res, msg, code = e:request(req.method, req.url, req.headers, req.body, req.timeout,
+    req.connectTimeout, req.maxBody)
+  if not res then return nil, make_error(msg, code) end
+  return res
 end
 
 function CurlTransport:_multi()
   if not self.multi then
-    local m, msg, code = curl.multi()
+    local m, msg, code = curl.multi(self.handleOptions)
     if not m then return nil, make_error(msg, code) end
     self.multi = m
   end
   return self.multi
 end
 
+-- A completed() record { id, status, headers, body } serves as the response itself.
 local function to_entry(r)
   if r.error then return { id = r.id, err = make_error(r.error, r.code) } end
-  return { id = r.id, res = { status = r.status, headers = r.headers, body = r.body } }
+  return { id = r.id, res = r }
 end
 
 -- Moves finished transfers out of the multi handle, routing claimed ids aside.
@@ -142,17 +154,19 @@ function CurlTransport:_drain()
   end
 end
 
-function CurlTransport:_add(creq)
+function CurlTransport:_add(req)
   local m, err = self:_multi()
   if not m then return nil, err end
-  local id, msg, code = m:add(creq)
+  local id, msg, code = m:submit(req.method, req.url, req.headers, req.body, req.timeout,
+    req.connectTimeout, req.maxBody)
   if not id then return nil, make_error(msg, code) end
   return id
 end
 
 -- Queues a request on the multi handle; returns its id (or nil, err).
 function CurlTransport:submit(req)
-  local id, err = self:_add(self:_build(req, 2))
+  self:_check(req, 2)
+  local id, err = self:_add(req)
   if id then self.inflight = self.inflight + 1 end
   return id, err
 end
@@ -197,7 +211,8 @@ function CurlTransport:requestCooperative(req, sleep)
   if type(sleep) ~= "function" then
     error("CurlTransport:requestCooperative: sleep must be a function", 2)
   end
-  local id, err = self:_add(self:_build(req, 2))
+  self:_check(req, 2)
+  local id, err = self:_add(req)
   if not id then return nil, err end
   self.claimed[id] = true
   local interval = MIN_SLEEP
