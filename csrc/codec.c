@@ -1,5 +1,7 @@
 /* codec.c: base64 (standard, padded), strict percent-encoding, random v4 UUIDs. */
 #include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
 #include <openssl/rand.h>
 #include "common.h"
 #include "codec.h"
@@ -98,10 +100,27 @@ void url_encode_append(iothub_buffer *b, const char *s, size_t len) {
   }
 }
 
+/* RAND_bytes has a fixed cost far above 16 bytes' worth, and every request takes a Request-Id:
+ * draw randomness in blocks. Per thread, and refilled after a fork so a child never repeats
+ * its parent's ids (getpid is compared rather than an atfork handler, which would outlive an
+ * unloaded module). */
+#define UUID_POOL 512
+static __thread unsigned char uuid_pool[UUID_POOL];
+static __thread size_t uuid_left;
+static __thread pid_t uuid_pid;
+
 int uuid4(char out[37]) {
   unsigned char r[16];
   int i, o = 0;
-  if (RAND_bytes(r, (int)sizeof r) != 1) return -1;
+  pid_t pid = getpid();
+  if (uuid_left < sizeof r || uuid_pid != pid) {
+    if (RAND_bytes(uuid_pool, UUID_POOL) != 1) return -1;
+    uuid_left = UUID_POOL;
+    uuid_pid = pid;
+  }
+  memcpy(r, uuid_pool + (UUID_POOL - uuid_left), sizeof r);
+  memset(uuid_pool + (UUID_POOL - uuid_left), 0, sizeof r);
+  uuid_left -= sizeof r;
   r[6] = (unsigned char)((r[6] & 0x0f) | 0x40); /* version 4 */
   r[8] = (unsigned char)((r[8] & 0x3f) | 0x80); /* RFC 4122 variant */
   for (i = 0; i < 16; i++) {

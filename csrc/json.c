@@ -849,8 +849,10 @@ static int parse_object(decoder *d, int hint, int *count) {
   int n = 0, c;
   if (enter(d) != 0) return -1;
   d->p++;
-  lua_createtable(L, 0, hint);
   skip_ws(d);
+  /* A non-empty object with no sibling to go by gets a few slots: growing from 0 rehashes
+   * the table at 1, 2 and 4 keys. Empty ones stay empty, so "[{},{},...]" cannot amplify. */
+  lua_createtable(L, 0, (d->p < d->end && *d->p == '}') ? 0 : (hint > 0 ? hint : 4));
   if (d->p < d->end && *d->p == '}') {
     d->p++;
   } else {

@@ -11,7 +11,8 @@ Pipeline.__index = Pipeline
 local CONTENT_TYPE = "application/json; charset=utf-8"
 
 function Pipeline.new(cfg)
-  return setmetatable({ cfg = cfg }, Pipeline)
+  -- The api-version pair is the whole query of most requests: built once per client.
+  return setmetatable({ cfg = cfg, api_query = { { "api-version", cfg.apiVersion } } }, Pipeline)
 end
 
 -- Inside nginx (the `ngx` API is present) the cosocket transport module, else nil. Loaded
@@ -82,6 +83,11 @@ local function retry_after_seconds(headers)
   return nil
 end
 
+-- What an error names: built only when a request fails.
+local function error_context(op, request_id)
+  return { operation = op.operation, target = op.target, requestId = request_id }
+end
+
 --- Sends one operation, retrying transient failures.
 -- op = { operation=, target=, method=, path=, query={{k,v}}, headers={{k,v}}, body=,
 --        retry=(false disables), timeout=, onConflict=function(attempts) -> value | nil, err,
@@ -97,8 +103,11 @@ function Pipeline:send(op)
   local started = self:now()
   local deadline = started + policy.deadline
   local attempt = 0
-  local query = { { "api-version", cfg.apiVersion } }
-  for _, pair in ipairs(op.query or {}) do query[#query + 1] = pair end
+  local query = self.api_query
+  if op.query then
+    query = { query[1] }
+    for _, pair in ipairs(op.query) do query[#query + 1] = pair end
+  end
 
   while true do
     attempt = attempt + 1
@@ -115,13 +124,14 @@ function Pipeline:send(op)
       { "Accept", "application/json" },
     }
     if op.body then headers[#headers + 1] = { "Content-Type", CONTENT_TYPE } end
-    for _, pair in ipairs(op.headers or {}) do headers[#headers + 1] = pair end
+    if op.headers then
+      for _, pair in ipairs(op.headers) do headers[#headers + 1] = pair end
+    end
     local url, lines = core.build_request({ endpoint = cfg.endpoint, path = op.path,
       query = query, headers = headers })
     if not url then
       return nil, errors.invalid(lines, op)
     end
-    local context = { operation = op.operation, target = op.target, requestId = request_id }
     local res, terr = self:exchange({ method = op.method, url = url, headers = lines, body = op.body,
       timeout = op.timeout or cfg.timeout, connectTimeout = cfg.connectTimeout }, op.sleep)
 
@@ -137,7 +147,7 @@ function Pipeline:send(op)
       end
       return decoded, res
     elseif res then
-      err = errors.from_response(res, context)
+      err = errors.from_response(res, error_context(op, request_id))
       if res.status == 409 and op.onConflict then
         -- The request may have landed before: an earlier attempt whose response was lost, or
         -- libcurl's own silent resend when a kept-alive connection drops. Find out instead of
@@ -145,7 +155,7 @@ function Pipeline:send(op)
         return op.onConflict(err)
       end
     else
-      err = errors.transport(terr, context)
+      err = errors.transport(terr, error_context(op, request_id))
     end
     err.attempts = attempt
 
