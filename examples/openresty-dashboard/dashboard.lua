@@ -9,6 +9,7 @@
 --   * GET /api/jobs and GET /api/jobs/{id}/devices only read the dict.
 -- Hub requests go through the cosocket transport, chosen automatically inside nginx.
 local iothub = require "iothub"
+local core = require "iothub.core"
 local json = require "iothub.json"
 
 local M = {}
@@ -19,6 +20,7 @@ local MONITOR_INTERVAL = 0.5 -- seconds between getJob polls of a job scheduled 
 local MAX_JOBS = 50          -- newest jobs shown
 local MAX_ROWS = 500         -- device rows kept per job
 local KEEP = 24 * 3600       -- seconds a job stays in the dict after its last sighting
+local SETTLE_WAIT = 60       -- seconds a finished job's device rows may lag before we stop re-reading them
 
 local function dict() return ngx.shared[DICT] end
 
@@ -39,11 +41,24 @@ local function jobs_client()
 end
 
 ---------------------------------------------------------------------------
--- The dict: job:<id> (the hub's job JSON), rows:<id> (its device rows), order (newest job
--- ids first), poll (the last poll's outcome), watched:<id> (a monitor timer owns the job).
+-- The dict. Snapshots of one job come from the poller, its monitor and the POST handlers,
+-- possibly in different workers, and the hub's listing is eventually consistent, so they
+-- can land out of order. A terminal snapshot therefore has its own key that nothing older
+-- can overwrite, and readers prefer it:
+--   job:<id> / done:<id>         the hub's job JSON while it runs / once it has finished
+--   rows:<id> / done_rows:<id>   its device rows / the settled rows (job over, every row ended)
+--   ended:<id>                   when we first saw the job finished (bounds waiting for rows)
+--   watched:<id>                 a monitor timer owns the job (the poller leaves its rows alone)
+--   order                        ids shown, newest first; poll: the last poll's outcome
 
 local function store_job(job)
-  dict():set("job:" .. job.jobId, json.encode(job), KEEP)
+  local key = (core.is_terminal(job.status) and "done:" or "job:") .. job.jobId
+  dict():set(key, json.encode(job), KEEP)
+end
+
+local function read_job(id)
+  local d = dict()
+  return d:get("done:" .. id) or d:get("job:" .. id)
 end
 
 local function store_order(ids)
@@ -55,24 +70,44 @@ local function read_order()
   return raw and json.decode(raw) or {}
 end
 
-local function refresh_rows(jobs, job_id)
-  local rows = {}
-  for row, err in jobs:deviceJobs(job_id, { pageSize = 100 }) do
-    if not row then return nil, err end
-    if #rows < MAX_ROWS then rows[#rows + 1] = row end
+-- Device-row statuses after which a row no longer changes (rows spell it "canceled").
+local ROW_ENDED = { completed = true, failed = true, canceled = true }
+
+-- Rows are settled once the job has finished and every target's row has ended; the hub's
+-- query view can lag behind getJob, so until then they are read again (for SETTLE_WAIT at
+-- most after the job finished: a failed job may leave rows that never end).
+local function rows_settled(job, rows)
+  if not core.is_terminal(job.status) then return false end
+  local d = dict()
+  d:add("ended:" .. job.jobId, ngx.now(), KEEP)
+  if ngx.now() - (d:get("ended:" .. job.jobId) or ngx.now()) > SETTLE_WAIT then return true end
+  local stats = job.deviceJobStatistics
+  if #rows < math.min(stats and tonumber(stats.deviceCount) or 0, MAX_ROWS) then return false end
+  for _, row in ipairs(rows) do
+    if not ROW_ENDED[row.status] then return false end
   end
-  dict():set("rows:" .. job_id, json.encode(json.array(rows)), KEEP)
   return true
 end
 
-local TERMINAL = { completed = true, failed = true, cancelled = true }
+-- Reads the device rows of `job` (a snapshot taken before this call). Returns whether they
+-- are settled, or nil and the error.
+local function refresh_rows(jobs, job)
+  local rows = {}
+  for row, err in jobs:deviceJobs(job.jobId, { pageSize = 100 }) do
+    if not row then return nil, err end
+    if #rows < MAX_ROWS then rows[#rows + 1] = row end
+  end
+  local settled = rows_settled(job, rows)
+  dict():set((settled and "done_rows:" or "rows:") .. job.jobId, json.encode(json.array(rows)), KEEP)
+  return settled
+end
 
 local function record_poll(ok, err)
   dict():set("poll", json.encode({ ok = ok, at = ngx.now(), error = err and tostring(err) or json.null }))
 end
 
--- One listing of the hub: every job's summary, plus device rows for unfinished jobs (and
--- once more when a job finishes) unless a monitor timer is already looking after them.
+-- One listing of the hub: every job's summary, plus device rows for jobs whose rows have
+-- not settled, unless a monitor timer is looking after them.
 local function poll_once()
   local jobs, cerr = jobs_client()
   if not jobs then return record_poll(false, cerr) end
@@ -81,21 +116,28 @@ local function poll_once()
     if not job then return record_poll(false, err) end
     list[#list + 1] = job
   end
+  local d = dict()
   -- The hub lists jobs oldest first; show the newest.
-  local ids = {}
+  local ids, listed, first_err = {}, {}, nil
   for i = #list, math.max(1, #list - MAX_JOBS + 1), -1 do
     local job = list[i]
-    ids[#ids + 1] = job.jobId
+    ids[#ids + 1], listed[job.jobId] = job.jobId, true
     store_job(job)
-    local d = dict()
-    if not d:get("watched:" .. job.jobId) and not d:get("final:" .. job.jobId) then
-      local ok, err = refresh_rows(jobs, job.jobId)
-      if not ok then return record_poll(false, err) end
-      if TERMINAL[job.status] then d:set("final:" .. job.jobId, true, KEEP) end
+    if not d:get("watched:" .. job.jobId) and not d:get("done_rows:" .. job.jobId) then
+      local settled, err = refresh_rows(jobs, job)
+      if settled == nil then first_err = first_err or err end
     end
   end
+  -- Jobs scheduled from the page that this listing does not show yet (it was taken before
+  -- they were created, or the hub's listing lags) stay on top.
+  local kept = {}
+  for _, id in ipairs(read_order()) do
+    if not listed[id] and d:get("watched:" .. id) then kept[#kept + 1] = id end
+  end
+  for i = #kept, 1, -1 do table.insert(ids, 1, kept[i]) end
+  while #ids > MAX_JOBS do ids[#ids] = nil end
   store_order(ids)
-  record_poll(true)
+  record_poll(first_err == nil, first_err)
 end
 
 local polling = false
@@ -111,20 +153,23 @@ local function poll(premature)
 end
 
 -- Follows one job scheduled from the page: monitorJob waits through ngx.sleep in this timer.
+-- schedule_job has marked it watched; whatever happens here, the mark goes at the end so
+-- the poller takes over (it re-reads the rows until they settle).
 local function monitor(premature, job_id)
-  if premature then return end
-  local jobs = jobs_client()
   local d = dict()
-  d:set("watched:" .. job_id, true, 3600)
-  local final, err = jobs:monitorJob(job_id, {
+  if premature then return d:delete("watched:" .. job_id) end
+  local jobs = jobs_client()
+  local ok, final, err = pcall(jobs.monitorJob, jobs, job_id, {
     interval = MONITOR_INTERVAL, maxInterval = 5, timeout = 3600,
     onProgress = function(job)
       store_job(job)
-      refresh_rows(jobs, job_id)
+      local settled, rerr = refresh_rows(jobs, job)
+      if settled == nil then ngx.log(ngx.WARN, "dashboard: rows of ", job_id, ": ", tostring(rerr)) end
     end,
   })
-  if final then d:set("final:" .. job_id, true, KEEP) end
-  if not final then ngx.log(ngx.WARN, "dashboard: monitoring ", job_id, " ended: ", tostring(err)) end
+  if not ok or not final then
+    ngx.log(ngx.WARN, "dashboard: monitoring ", job_id, " ended: ", tostring(ok and err or final))
+  end
   d:delete("watched:" .. job_id)
 end
 
@@ -154,7 +199,7 @@ function M.list_jobs()
   local d = dict()
   local parts = {}
   for _, id in ipairs(read_order()) do
-    local raw = d:get("job:" .. id)
+    local raw = read_job(id)
     if raw then parts[#parts + 1] = raw end
   end
   send_json(200, '{"jobs":[' .. table.concat(parts, ",") .. '],"poll":' .. (d:get("poll") or "null") ..
@@ -163,7 +208,8 @@ end
 
 --- GET /api/jobs/{id}/devices: the job's device rows, from the dict only.
 function M.device_rows(job_id)
-  local raw = dict():get("rows:" .. job_id)
+  local d = dict()
+  local raw = d:get("done_rows:" .. job_id) or d:get("rows:" .. job_id)
   send_json(200, '{"jobId":' .. json.encode(job_id) .. ',"devices":' .. (raw or "[]") .. "}")
 end
 
@@ -231,11 +277,17 @@ function M.schedule_job()
     return send_error(status, tostring(err))
   end
   store_job(job)
+  local d = dict()
+  -- Watched before the timer runs: the poller must not read rows the monitor is about to own.
+  d:set("watched:" .. job.jobId, true, 3600)
   local ids = read_order()
   table.insert(ids, 1, job.jobId)
   store_order(ids)
   local started, terr = ngx.timer.at(0, monitor, job.jobId)
-  if not started then ngx.log(ngx.ERR, "dashboard: cannot start a monitor: ", terr) end
+  if not started then
+    d:delete("watched:" .. job.jobId)
+    ngx.log(ngx.ERR, "dashboard: cannot start a monitor: ", terr)
+  end
   send_json(201, json.encode({ job = job }))
 end
 

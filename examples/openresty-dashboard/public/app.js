@@ -102,16 +102,35 @@ function renderDevices(data) {
 }
 
 async function getJSON(url, options) {
-  const res = await fetch(url, options);
+  // A hung connection must not stall the page: the next tick asks again.
+  const res = await fetch(url, { signal: AbortSignal.timeout(10000), ...options });
   const body = await res.json().catch(() => ({ error: `HTTP ${res.status}` }));
   if (!res.ok) throw new Error(body.error || `HTTP ${res.status}`);
   return body;
 }
 
+// Refreshes overlap when the server is slow (the 1 s timer, a submit, a click): an answer
+// older than the one already shown is dropped, and device rows only show for the job that
+// is still selected.
+let refreshes = 0;
+let shownJobs = 0;
+let shownDevices = 0;
+
 async function refresh() {
+  const seq = ++refreshes;
   try {
-    renderJobs(await getJSON("/api/jobs"));
-    if (selectedJob) renderDevices(await getJSON(`/api/jobs/${encodeURIComponent(selectedJob)}/devices`));
+    const jobs = await getJSON("/api/jobs");
+    if (seq > shownJobs) {
+      shownJobs = seq;
+      renderJobs(jobs);
+    }
+    const wanted = selectedJob;
+    if (!wanted) return;
+    const devices = await getJSON(`/api/jobs/${encodeURIComponent(wanted)}/devices`);
+    if (seq > shownDevices && wanted === selectedJob) {
+      shownDevices = seq;
+      renderDevices(devices);
+    }
   } catch (e) {
     $("#poll-status").textContent = `dashboard unreachable: ${e.message}`;
   }
@@ -121,15 +140,16 @@ async function cancelJob(id) {
   try {
     await getJSON(`/api/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
   } catch (e) {
-    showMessage(`cancel failed: ${e.message}`, true);
+    showMessage(`cancel failed: ${e.message}`, "error");
   }
   refresh();
 }
 
-function showMessage(text, isError) {
+// kind: "busy" while the request is out, then "ok" (scheduled) or "error".
+function showMessage(text, kind) {
   const msg = $("#form-message");
   msg.textContent = text;
-  msg.className = isError ? "error" : "ok";
+  msg.className = kind;
 }
 
 function formType() {
@@ -154,16 +174,16 @@ $("#job-form").addEventListener("submit", async (event) => {
   } else {
     Object.assign(body, { tags: form.get("tags"), desired: form.get("desired") });
   }
-  showMessage("scheduling…", false);
+  showMessage("scheduling…", "busy");
   try {
     const { job } = await getJSON("/api/jobs", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     selectedJob = job.jobId;
-    showMessage(`scheduled ${job.jobId}`, false);
+    showMessage(`scheduled ${job.jobId}`, "ok");
     event.target.elements.jobId.value = "";
   } catch (e) {
-    showMessage(e.message, true);
+    showMessage(e.message, "error");
   }
   refresh();
 });
