@@ -20,7 +20,7 @@ local function lq(v) -- Lua literal inside *_by_lua_block
 end
 
 -- opts: root, dir, http_port, https_port (0 = off), host, key, policy, devices, log,
---       cert, cert_key, as_root, ipv6, job_rate, queue_delay, max_active_jobs, tier, policies_spec,
+--       cert, cert_key, as_root, ipv6, job_rate, queue_delay, max_active_jobs, tier, policies_spec, instance,
 --       state_dir (persistence; nil = in memory only), modules
 function M.render(opts)
   local dir, root = opts.dir, opts.root
@@ -41,6 +41,7 @@ function M.render(opts)
     "max_active_jobs = " .. lq(tonumber(opts.max_active_jobs) or 0),
     "tier = " .. lq(opts.tier or ""),
     "policies_spec = " .. lq(opts.policies_spec or ""),
+    "instance = " .. lq(opts.instance or ""),
     "state_dir = " .. lq(opts.state_dir or ""),
   }
   local location = "location / { content_by_lua_block { require('emulator.http').handle() } }"
@@ -106,7 +107,7 @@ function M.from_env()
     host = env("HOST"), key = env("KEY"), policy = env("POLICY"), devices = env("DEVICES"),
     cert = env("CERT"), cert_key = env("CERT_KEY"), as_root = env("AS_ROOT") == "1", ipv6 = env("IPV6") == "1",
     job_rate = env("JOB_RATE"), queue_delay = env("QUEUE_DELAY"), max_active_jobs = env("MAX_ACTIVE_JOBS"),
-    tier = env("TIER"), policies_spec = env("POLICIES"), state_dir = env("STATE_DIR"),
+    tier = env("TIER"), policies_spec = env("POLICIES"), instance = env("INSTANCE"), state_dir = env("STATE_DIR"),
   })
 end
 

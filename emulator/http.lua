@@ -60,6 +60,7 @@ function M.init(opts)
     max_active = opts.max_active_jobs, tier = opts.tier })
   if not ok then error(err, 0) end
   settings.devices = opts.devices
+  settings.instance = opts.instance ~= "" and opts.instance or nil
   seed_devices()
   setup_store(opts.state_dir)
 end
@@ -188,7 +189,7 @@ end
 local H = {}
 
 function H.health()
-  send(200, { status = "ok", devices = #registry.list() })
+  send(200, { status = "ok", devices = #registry.list(), instance = settings.instance })
 end
 
 -- Device identities carry their etag in an ETag header too (If-Match for updates).
@@ -385,6 +386,11 @@ local function dispatch(rec)
     if type(v) == "table" then v = v[1] end
     if type(v) ~= "string" or v == "" then
       error(errors.new("InvalidProtocolVersion", "The api-version query parameter is required (for example 2021-04-12)."), 0)
+    end
+    -- Any plausible version is served the same way; one that is not a date is refused.
+    if not (v:match("^%d%d%d%d%-%d%d%-%d%d$") or v:match("^%d%d%d%d%-%d%d%-%d%d%-preview$")) then
+      error(errors.new("InvalidProtocolVersion", "The api-version '" .. v:sub(1, 40) ..
+        "' is not supported; use a version such as 2021-04-12."), 0)
     end
     local fault = control.take_fault(method, route[2], rec.path)
     if fault and apply_fault(fault, rec) then return end

@@ -54,8 +54,12 @@ end
 -- Returns true or nil, message (a bad tier or number).
 function M.configure(opts)
   opts = opts or {}
-  if opts.tier ~= nil and opts.tier ~= "" then
-    local tier = tostring(opts.tier):upper()
+  if opts.tier == null then
+    settings.tier = nil -- JSON null from the control plane: no tier cap
+  elseif opts.tier ~= nil and type(opts.tier) ~= "string" then
+    return nil, "tier must be a string (F1, S1, S2 or S3), or null for no tier limit"
+  elseif opts.tier ~= nil and opts.tier ~= "" then
+    local tier = opts.tier:upper()
     if not M.TIERS[tier] then
       return nil, "unknown tier '" .. tostring(opts.tier) .. "': use F1, S1, S2 or S3"
     end

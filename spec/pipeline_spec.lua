@@ -81,6 +81,15 @@ describe("service errors", function()
     local s = errors.redact("SharedAccessSignature sr=h&sig=SECRET1&se=1;SharedAccessKey=SECRET2; Bearer SECRET3")
     assert.is_nil(s:find("SECRET", 1, true))
   end)
+
+  it("redacts tokens in connection strings and passwords in URLs, but keeps prose", function()
+    local s = errors.redact("HostName=h;SharedAccessSignature=SharedAccessSignature sr=h&sig=SECRET1&se=1&skn=p")
+    assert.is_nil(s:find("SECRET", 1, true))
+    s = errors.redact("GET http://user:SECRET2@127.0.0.1:1/jobs/v2/x failed")
+    assert.equal("GET http://<redacted>@127.0.0.1:1/jobs/v2/x failed", s)
+    local prose = "the SharedAccessSignature expired at 2026-01-01T00:00:00Z; create a new one"
+    assert.equal(prose, errors.redact(prose))
+  end)
 end)
 
 describe("retries", function()

@@ -39,7 +39,9 @@ function M.redact(text)
   if type(text) ~= "string" then return text end
   text = text:gsub("([Ss][Ii][Gg]=)[^&%s\"';]+", "%1<redacted>")
   text = text:gsub("([Ss]hared[Aa]ccess[Kk]ey=)[^;%s\"']+", "%1<redacted>")
-  text = text:gsub("([Ss]hared[Aa]ccess[Ss]ignature[=%s])[^;\"']+", "%1<redacted>")
+  -- a token (sr=...&sig=...), not prose such as "the SharedAccessSignature expired at ..."
+  text = text:gsub("([Ss]hared[Aa]ccess[Ss]ignature[=%s]+)[%w%%]+=[^;\"'%s]*", "%1<redacted>")
+  text = text:gsub("(%a[%w+.-]*://)[^/@%s]+@", "%1<redacted>@") -- user:password@ in URLs
   text = text:gsub("([Bb]earer%s+)[%w%-%._~%+/]+=*", "%1<redacted>")
   return text
 end
