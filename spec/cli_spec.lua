@@ -6,32 +6,21 @@
 --   busted --lua=lua5.4 spec/cli_spec.lua
 local core = require "iothub.core"
 local shell = require "support.shell"
-local sh_quote, run, sleep = shell.quote, shell.run, shell.sleep
-local read_file, write_file, alive = shell.read_file, shell.write_file, shell.alive
+local emulator_process = require "support.emulator_process"
+local sh_quote, run, read_file, write_file = shell.quote, shell.run, shell.read_file, shell.write_file
 
 local LUA = jit and "luajit" or "lua5.4"
-
-local ROOT = (function()
-  local _, pwd = run("pwd")
-  local src = debug.getinfo(1, "S").source:gsub("^@", "")
-  local dir = src:match("^(.*)/spec/[^/]*$") or "."
-  if dir:sub(1, 1) ~= "/" then dir = pwd:gsub("%s+$", "") .. "/" .. dir end
-  return dir
-end)()
+local ROOT = shell.ROOT
 
 local HAS_SCRIPT = (run("command -v script"))
 
-describe("iothub-jobs", function()
-  local emu = {}
-  local E -- the --emulator=DIR option
-
-  -- Both example devices files in one: each is a chunk that returns { devices=, fleets= }.
-  local function combined_devices()
-    local parts = {}
-    for i, name in ipairs({ "devices.lua", "fleet-devices.lua" }) do
-      parts[i] = "local part" .. i .. " = (function()\n" .. assert(read_file(ROOT .. "/examples/" .. name)) .. "\nend)()"
-    end
-    return table.concat(parts, "\n") .. [[
+-- Both example devices files in one: each is a chunk that returns { devices=, fleets= }.
+local function combined_devices()
+  local parts = {}
+  for i, name in ipairs({ "devices.lua", "fleet-devices.lua" }) do
+    parts[i] = "local part" .. i .. " = (function()\n" .. assert(read_file(ROOT .. "/examples/" .. name)) .. "\nend)()"
+  end
+  return table.concat(parts, "\n") .. [[
 
 local out = { devices = {}, fleets = {} }
 for _, part in ipairs({ part1, part2 }) do
@@ -40,54 +29,17 @@ for _, part in ipairs({ part1, part2 }) do
 end
 return out
 ]]
-  end
+end
 
-  local function start()
-    local _, dir = run("mktemp -d /tmp/iothub-cli-spec.XXXXXX")
-    emu.dir = dir:gsub("%s+$", "")
-    write_file(emu.dir .. "/devices.lua", combined_devices())
-    for _ = 1, 5 do
-      local port = math.random(20000, 60000)
-      emu.out, emu.http_port, emu.https_port = emu.dir .. "/launcher.out", port, port + 1
-      local pid_file = emu.dir .. "/launcher.pid"
-      run("(" .. sh_quote(ROOT .. "/bin/iothub-emulator") .. " --devices " .. sh_quote(emu.dir .. "/devices.lua")
-        .. " --http-port " .. port .. " --https-port " .. (port + 1) .. " --job-rate 200 --dir "
-        .. sh_quote(emu.dir .. "/state") .. " >" .. sh_quote(emu.out) .. " 2>&1 </dev/null & echo $! >"
-        .. sh_quote(pid_file) .. ")")
-      emu.pid = tonumber((read_file(pid_file) or ""):match("%d+"))
-      for _ = 1, 150 do
-        if (read_file(emu.out) or ""):find("\nready\n", 1, true) then
-          emu.state = emu.dir .. "/state"
-          E = "--emulator=" .. sh_quote(emu.state)
-          return
-        end
-        if not emu.pid or not alive(emu.pid) then break end
-        sleep(0.1)
-      end
-      if emu.pid and alive(emu.pid) then run("kill " .. emu.pid) end
-    end
-    error("the emulator did not start:\n" .. (read_file(emu.out) or ""))
-  end
-
-  lazy_setup(function()
-    math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100003)
-    start()
-  end)
-
-  lazy_teardown(function()
-    if emu.pid and alive(emu.pid) then
-      run("kill -TERM " .. emu.pid)
-      for _ = 1, 100 do
-        if not alive(emu.pid) then break end
-        sleep(0.1)
-      end
-    end
-    if emu.dir then run("rm -rf " .. sh_quote(emu.dir)) end
-  end)
+describe("iothub-jobs", function()
+  local emu = emulator_process.shared({ devices_source = combined_devices(), https = true,
+    args = { "--job-rate", "200" }, ready_timeout = 15 })
+  local E -- the --emulator=DIR option
+  lazy_setup(function() E = "--emulator=" .. sh_quote(emu.dir) end)
 
   -- Runs bin/iothub-jobs with a clean environment (plus env); returns rc, stdout, stderr.
   local function cli(args, env)
-    local out, err = emu.dir .. "/cli.out", emu.dir .. "/cli.err"
+    local out, err = emu.tmp .. "/cli.out", emu.tmp .. "/cli.err"
     local prefix = "env -u IOTHUB_CONNECTION_STRING -u IOTHUB_ENDPOINT -u IOTHUB_CA_FILE -u IOTHUB_EMULATOR_DIR"
     for k, v in pairs(env or {}) do prefix = prefix .. " " .. k .. "=" .. sh_quote(v) end
     local _, _, rc = run("(cd " .. sh_quote(ROOT) .. " && " .. prefix .. " " .. LUA .. " bin/iothub-jobs " .. args
@@ -95,15 +47,8 @@ return out
     return rc, read_file(out) or "", read_file(err) or ""
   end
 
-  -- Hub requests the emulator has served so far (its nginx access log, one line each).
-  local function requests()
-    local n = 0
-    for _ in (read_file(emu.state .. "/logs/access.log") or ""):gmatch("[^\n]+") do n = n + 1 end
-    return n
-  end
-
   local function tmpfile(name, text)
-    local path = emu.dir .. "/" .. name
+    local path = emu.tmp .. "/" .. name
     write_file(path, text)
     return path
   end
@@ -126,7 +71,7 @@ return out
     end)
 
     it("refuses bad command lines with exit 2, says what to fix, and sends nothing", function()
-      local before = requests()
+      local before = emu:requests_served()
       local cases = {
         { "creat", "unknown command 'creat'; did you mean 'create'?" },
         { "list --stauts running " .. E, "unknown option '--stauts'; did you mean '--status'?" },
@@ -150,7 +95,7 @@ return out
         assert.equal(2, rc, case[1] .. ": " .. err)
         assert.truthy(err:find(case[2], 1, true), case[1] .. " said: " .. err)
       end
-      assert.equal(before, requests())
+      assert.equal(before, emu:requests_served())
     end)
   end)
 
@@ -158,11 +103,11 @@ return out
     it("reads the emulator's --dir, its start-up output, the environment, or HTTPS with --ca-file", function()
       assert.equal(0, (cli("list " .. E)))
       assert.equal(0, (cli("list --emulator=" .. sh_quote(emu.out))))
-      assert.equal(0, (cli("list --emulator", { IOTHUB_EMULATOR_DIR = emu.state })))
-      local cs = (read_file(emu.out) or ""):match("IOTHUB_CONNECTION_STRING=([^\n]+)")
+      assert.equal(0, (cli("list --emulator", { IOTHUB_EMULATOR_DIR = emu.dir })))
+      local cs = emu:output():match("IOTHUB_CONNECTION_STRING=([^\n]+)")
       assert.equal(0, (cli("list", { IOTHUB_CONNECTION_STRING = cs, IOTHUB_ENDPOINT = "http://127.0.0.1:" .. emu.http_port })))
       assert.equal(0, (cli("list -c " .. sh_quote(cs) .. " --endpoint https://localhost:" .. emu.https_port
-        .. " --ca-file " .. sh_quote(emu.state .. "/certs/ca.pem"))))
+        .. " --ca-file " .. sh_quote(emu.dir .. "/certs/ca.pem"))))
       -- without the CA, HTTPS fails as a network (TLS) error
       local rc = cli("list -c " .. sh_quote(cs) .. " --endpoint https://localhost:" .. emu.https_port, { SSL_CERT_FILE = "/dev/null" })
       assert.equal(5, rc)
@@ -274,7 +219,7 @@ return out
 
   describe("definitions files", function()
     it("plan prints each request and the devices targeted now, and changes nothing", function()
-      local log = read_file(emu.state .. "/logs/access.log") or ""
+      local log = emu:access_log()
       local rc, out, err = cli("plan examples/rollout.lua " .. E)
       assert.equal(0, rc, err)
       assert.matches("job lock%-b7: direct method lockDoor", out)
@@ -284,7 +229,7 @@ return out
       assert.matches('{"jobId":"lock%-b7%-%x+%-s1%-c1","type":"scheduleDeviceMethod","cloudToDeviceMethod":'
         .. '{"methodName":"lockDoor","payload":{"force":true},"responseTimeoutInSeconds":15},', out)
       assert.matches("targets now: 60 device%(s%) exist of 60 listed", out)
-      local after = (read_file(emu.state .. "/logs/access.log") or ""):sub(#log + 1)
+      local after = emu:access_log(#log)
       assert.falsy(after:find('"PUT ', 1, true))
       assert.falsy(after:find('/cancel', 1, true))
       rc, out = cli("plan examples/rollout.lua --job tag-b7 --json " .. E)
@@ -301,12 +246,12 @@ return out
       assert.matches("stage 3 'rest': 27 succeeded, 3 failed of 30; gate passed", out)
       assert.matches("job tag%-b7: succeeded", out)
       assert.matches("lock%-b7 stage 1/3 passed", err)
-      local log = read_file(emu.state .. "/logs/access.log") or ""
+      local log = emu:access_log()
       rc, out, err = cli("run examples/rollout.lua --interval 0.2 " .. E)
       assert.equal(3, rc)
       assert.matches("job lock%-b7: completed with failures", out)
       assert.matches("adopted existing job lock%-b7%-%x+%-s3%-c1 %(completed%)", err)
-      local after = (read_file(emu.state .. "/logs/access.log") or ""):sub(#log + 1)
+      local after = emu:access_log(#log)
       assert.falsy(after:find('"PUT ', 1, true))
     end)
 
@@ -347,7 +292,7 @@ job "jammed" {
         { "select.lua", 'job "a" {\n  method = "m",\n  query = "SELECT * FROM devices WHERE tags.x = 1",\n}\n',
           ":3: job 'a', field 'query': queryCondition must be only the condition of a WHERE clause" },
       }
-      local before = requests()
+      local before = emu:requests_served()
       for _, case in ipairs(cases) do
         local file = tmpfile(case[1], case[2])
         for _, command in ipairs({ "plan", "run" }) do
@@ -360,7 +305,7 @@ job "jammed" {
           assert.matches("problem%(s%) in .*; nothing was sent", err)
         end
       end
-      assert.equal(before, requests())
+      assert.equal(before, emu:requests_served())
     end)
   end)
 
@@ -376,7 +321,7 @@ job "jammed" {
 
     -- Runs args on a pty (util-linux script); input is written to the pty after `delay` s.
     local function on_pty(args, input, delay)
-      local typescript = emu.dir .. "/typescript"
+      local typescript = emu.tmp .. "/typescript"
       local feed = input and ("(sleep " .. delay .. "; printf '" .. input .. "'; sleep 3)") or "(sleep 0.1)"
       local _, _, rc = run("cd " .. sh_quote(ROOT) .. " && " .. feed .. " | env -u IOTHUB_CONNECTION_STRING COLUMNS=110 "
         .. "script -qfec " .. sh_quote(LUA .. " bin/iothub-jobs " .. args) .. " /dev/null >" .. sh_quote(typescript))

@@ -6,13 +6,8 @@ local core = require "iothub.core"
 local definitions = require "iothub.definitions"
 local shell = require "support.shell"
 
-local ROOT = (function()
-  local _, pwd = shell.run("pwd")
-  local src = debug.getinfo(1, "S").source:gsub("^@", "")
-  local dir = src:match("^(.*)/spec/[^/]*$") or "."
-  if dir:sub(1, 1) ~= "/" then dir = pwd:gsub("%s+$", "") .. "/" .. dir end
-  return dir
-end)()
+local ROOT = shell.ROOT
+local unpack = table.unpack or unpack -- luacheck: ignore 143
 
 -- Loads source that must fail; returns the problems as "line: text" strings.
 local function problems_of(src)
@@ -32,18 +27,25 @@ local function load_ok(src)
   return defs
 end
 
--- Is there a problem on `line` whose text matches each plain fragment?
-local function has(problems, line, ...)
-  for _, p in ipairs(problems) do
-    if p:find("^f%.lua:" .. line .. ": ") then
-      local all = true
-      for _, fragment in ipairs({ ... }) do
-        if not p:find(fragment, 1, true) then all = false end
+-- Asserts each expected problem, { line, fragment... }: a problem on that line contains
+-- every plain fragment.
+local function has(problems, expected)
+  for _, e in ipairs(expected) do
+    local line, fragments, found = e[1], { select(2, unpack(e)) }, false
+    for _, p in ipairs(problems) do
+      if p:find("^f%.lua:" .. line .. ": ") then
+        local all = true
+        for _, fragment in ipairs(fragments) do
+          if not p:find(fragment, 1, true) then all = false end
+        end
+        found = found or all
       end
-      if all then return true end
+    end
+    if not found then
+      error("no problem at line " .. line .. " with " .. table.concat(fragments, " / ") .. " in:\n"
+        .. table.concat(problems, "\n"), 2)
     end
   end
-  error("no problem at line " .. line .. " with " .. table.concat({ ... }, " / ") .. " in:\n" .. table.concat(problems, "\n"))
 end
 
 describe("definitions", function()
@@ -103,20 +105,22 @@ job "tw" {
   startTime = "x",
 }
 ]])
-    has(p, 1, "job 'lock doors'", "letters, digits and '-'")
-    has(p, 2, "field 'method'", "must be the method name as a string, got number")
-    has(p, 3, "field 'responseTimeout'", "between 5 and 300 (got 2)")
-    has(p, 4, "field 'query'", "not a full SELECT", "tags.x = 1")
-    has(p, 5, "field 'ttl'", "got boolean")
-    has(p, 6, "field 'colour'", "unknown field")
-    has(p, 8, "stages[1].gate", "unknown gate field 'minSucess'", "did you mean 'minSuccessRatio'?")
-    has(p, 9, "stages[2].percent", "above 0 and at most 100, got 120")
-    has(p, 10, "stages[3].count", "cumulative")
-    has(p, 14, "job 'tw', field 'patch'", "'.'")
-    has(p, 15, "field 'devices'", "entry 2", "bad id")
-    has(p, 15, "field 'devices'", "'ok-1' is listed twice (entries 1 and 3)")
-    has(p, 15, "field 'devices'", "entry 4 must be a device id string, got number")
-    has(p, 16, "field 'startTime'", "did you mean 'start'?")
+    has(p, {
+      { 1, "job 'lock doors'", "letters, digits and '-'" },
+      { 2, "field 'method'", "must be the method name as a string, got number" },
+      { 3, "field 'responseTimeout'", "between 5 and 300 (got 2)" },
+      { 4, "field 'query'", "not a full SELECT", "tags.x = 1" },
+      { 5, "field 'ttl'", "got boolean" },
+      { 6, "field 'colour'", "unknown field" },
+      { 8, "stages[1].gate", "unknown gate field 'minSucess'", "did you mean 'minSuccessRatio'?" },
+      { 9, "stages[2].percent", "above 0 and at most 100, got 120" },
+      { 10, "stages[3].count", "cumulative" },
+      { 14, "job 'tw', field 'patch'", "'.'" },
+      { 15, "field 'devices'", "entry 2", "bad id" },
+      { 15, "field 'devices'", "'ok-1' is listed twice (entries 1 and 3)" },
+      { 15, "field 'devices'", "entry 4 must be a device id string, got number" },
+      { 16, "field 'startTime'", "did you mean 'start'?" },
+    })
     assert.equal(14, #p)
   end)
 
@@ -162,23 +166,27 @@ job "tw" {
       .. 'job "c" { method = "m" }\njob "d" { method = "m", query = "*", devices = { "x" } }\n'
       .. 'job "e" { patch = { tags = {} }, query = "*", payload = 1 }\njob "f" { method = "m", devices = {} }\n'
       .. 'job "a" { method = "m", query = "" }\n')
-    has(p, 1, "job 'a'", "says nothing to do")
-    has(p, 2, "job 'b', field 'patch'", "not both")
-    has(p, 3, "job 'c'", "targets nobody")
-    has(p, 4, "job 'd', field 'devices'", "not both")
-    has(p, 5, "job 'e', field 'payload'", "belongs to method jobs")
-    has(p, 6, "job 'f', field 'devices'", "is empty")
-    has(p, 7, "job 'a'", "already declared at line 1")
-    has(p, 7, "job 'a', field 'query'", "is empty")
+    has(p, {
+      { 1, "job 'a'", "says nothing to do" },
+      { 2, "job 'b', field 'patch'", "not both" },
+      { 3, "job 'c'", "targets nobody" },
+      { 4, "job 'd', field 'devices'", "not both" },
+      { 5, "job 'e', field 'payload'", "belongs to method jobs" },
+      { 6, "job 'f', field 'devices'", "is empty" },
+      { 7, "job 'a'", "already declared at line 1" },
+      { 7, "job 'a', field 'query'", "is empty" },
+    })
   end)
 
   it("checks job names: they prefix the job ids", function()
     local long = ("n"):rep(41)
     local p = problems_of('job "' .. long .. '" { method = "m", query = "*" }\njob "x_y" { method = "m", query = "*" }\n')
-    has(p, 1, "is 41 characters; at most 40")
-    has(p, 2, "has '_' at position 2")
+    has(p, {
+      { 1, "is 41 characters; at most 40" },
+      { 2, "has '_' at position 2" },
+    })
     p = problems_of('job(7) { method = "m", query = "*" }\n')
-    has(p, 1, "must be a string, got number", 'job "name"')
+    has(p, { { 1, "must be a string, got number", 'job "name"' } })
   end)
 
   it("checks stages and gates", function()
@@ -195,14 +203,16 @@ job "s" {
 job "g" { method = "m", query = "*", gate = { maxFailures = 0 } }
 job "h" { method = "m", query = "*", stages = {} }
 ]])
-    has(p, 4, "stages[1]", "both count and percent")
-    has(p, 3, "stages[2]", "needs count (devices) or percent")
-    has(p, 6, "stages[3].gate.minSuccessRatio", "from 0 to 1")
-    has(p, 6, "stages[3].gate.maxFailures", "whole number")
-    has(p, 6, "stages[3]", "unknown stage field 'wait'")
-    has(p, 3, "stages[4]", "must be a table")
-    has(p, 10, "job 'g', field 'gate'", "applies between stages")
-    has(p, 11, "job 'h', field 'stages'", "must be a list of stages")
+    has(p, {
+      { 4, "stages[1]", "both count and percent" },
+      { 3, "stages[2]", "needs count (devices) or percent" },
+      { 6, "stages[3].gate.minSuccessRatio", "from 0 to 1" },
+      { 6, "stages[3].gate.maxFailures", "whole number" },
+      { 6, "stages[3]", "unknown stage field 'wait'" },
+      { 3, "stages[4]", "must be a table" },
+      { 10, "job 'g', field 'gate'", "applies between stages" },
+      { 11, "job 'h', field 'stages'", "must be a list of stages" },
+    })
   end)
 
   it("gives jobs their default ttl, parses durations and start times", function()
@@ -227,7 +237,7 @@ job "h" { method = "m", query = "*", stages = {} }
   end)
 
   it("offers ids() and json_file() (relative to the file) in the sandbox", function()
-    local dir = select(2, shell.run("mktemp -d /tmp/iothub-defs-spec.XXXXXX")):gsub("%s+$", "")
+    local dir = shell.temp_dir("iothub-defs-spec")
     shell.write_file(dir .. "/payload.json", '{"firmware":"2.0.1","size":123456789012}')
     shell.write_file(dir .. "/defs.lua", 'job "fw" { method = "update", payload = json_file("payload.json"),\n'
       .. '  devices = ids("door-%03d", 1, 3) }\njob "bad" { method = "m", payload = json_file("missing.json"), query = "*" }\n')

@@ -7,19 +7,7 @@ local E = require "support.emulator_process"
 local inner_error, job, sleep = E.inner_error, E.job, E.sleep
 
 describe("emulator control plane", function()
-  local emu
-
-  lazy_setup(function()
-    emu = E.start({ temp_dir = true })
-  end)
-
-  lazy_teardown(function()
-    if emu then assert.equal(0, emu:cleanup()) end
-  end)
-
-  before_each(function()
-    assert.equal(200, (emu:control("POST", "/_emulator/reset")))
-  end)
+  local emu = E.shared({ temp_dir = true, reset_each = true })
 
   it("needs the same SAS auth as the hub API, but no api-version", function()
     local status, body, h = emu:request("GET", "/_emulator/clock", nil, { Authorization = false })

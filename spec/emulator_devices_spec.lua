@@ -20,6 +20,24 @@ local function fake_clock(t0)
   return c
 end
 
+-- Each test of the enclosing describe block starts from an empty registry, without a change
+-- hook, on a fresh fake clock (fixture.clock); the real clock is back after it.
+local function fresh_registry()
+  local fixture = {}
+  before_each(function()
+    registry.reset()
+    registry.on_change = nil
+    fixture.saved_clock = registry.clock
+    fixture.clock = fake_clock()
+    registry.clock = fixture.clock
+  end)
+  after_each(function()
+    registry.clock = fixture.saved_clock
+    registry.on_change = nil
+  end)
+  return fixture
+end
+
 local function load(src)
   local defs, err = devices_file.from_string(src, "spec-devices")
   assert(defs, err)
@@ -40,15 +58,7 @@ local function call(id, req)
 end
 
 describe("emulator devices file", function()
-  local clock, saved_clock
-  before_each(function()
-    registry.reset()
-    registry.on_change = nil
-    saved_clock = registry.clock
-    clock = fake_clock()
-    registry.clock = clock
-  end)
-  after_each(function() registry.clock = saved_clock end)
+  fresh_registry()
 
   it("builds devices and fleets with ids, tags and reported properties", function()
     local defs = load([[
@@ -119,18 +129,7 @@ describe("emulator devices file", function()
 end)
 
 describe("emulator registry", function()
-  local clock, saved_clock
-  before_each(function()
-    registry.reset()
-    registry.on_change = nil
-    saved_clock = registry.clock
-    clock = fake_clock()
-    registry.clock = clock
-  end)
-  after_each(function()
-    registry.clock = saved_clock
-    registry.on_change = nil
-  end)
+  local fixture = fresh_registry()
 
   it("caches twin documents until the twin changes", function()
     load([[return { devices = { { id = "d", tags = { a = 1 }, methods = { ping = function() return 200 end } } } }]])
@@ -143,7 +142,7 @@ describe("emulator registry", function()
     assert.is_nil(doc.tags.b) -- the old document is a snapshot
     assert.equal(2, after.tags.b)
     -- activity swaps in a shallow copy: the holder of the old one sees no change
-    clock.t = clock.t + 5
+    fixture.clock.t = fixture.clock.t + 5
     assert(call("d", { methodName = "ping" }))
     local touched = registry.twin_doc(dev)
     assert.are_not.equal(after, touched)
@@ -264,14 +263,7 @@ describe("emulator registry", function()
 end)
 
 describe("emulator simulated devices", function()
-  local clock, saved_clock
-  before_each(function()
-    registry.reset()
-    saved_clock = registry.clock
-    clock = fake_clock()
-    registry.clock = clock
-  end)
-  after_each(function() registry.clock = saved_clock end)
+  local fixture = fresh_registry()
 
   it("waits connectTimeoutInSeconds for a device that comes online, else 404103", function()
     load([[return { devices = {
@@ -283,7 +275,7 @@ describe("emulator simulated devices", function()
     assert.same({ timeout = "00:00:02" }, err.info)
     res = assert(call("late", { methodName = "ping", connectTimeoutInSeconds = 5 }))
     assert.equal("pong", res.payload)
-    assert.is_true(clock.slept >= 3 and clock.slept < 3.2, "slept " .. clock.slept)
+    assert.is_true(fixture.clock.slept >= 3 and fixture.clock.slept < 3.2, "slept " .. fixture.clock.slept)
   end)
 
   it("lets a handler disconnect its device once it has answered", function()
@@ -304,9 +296,9 @@ describe("emulator simulated devices", function()
     assert.equal(504101, err.code)
     assert.equal(200, call("slow", { methodName = "ping", responseTimeoutInSeconds = 7 }).status)
     for _ = 1, 5 do
-      local t0 = clock.t
+      local t0 = fixture.clock.t
       assert.equal(200, call("range", { methodName = "ping" }).status)
-      assert.is_true(clock.t - t0 >= 0.1 and clock.t - t0 <= 0.3)
+      assert.is_true(fixture.clock.t - t0 >= 0.1 and fixture.clock.t - t0 <= 0.3)
     end
   end)
 

@@ -12,19 +12,7 @@ local END_OF_TIME = "9999-12-31T23:59:59.9999999Z" -- endTime of unfinished jobs
 local DEVICES = 7 -- examples/devices.lua: myDeviceId, door-basement (offline), door-001..005
 
 describe("emulator job engine", function()
-  local emu
-
-  lazy_setup(function()
-    emu = E.start({ temp_dir = true, args = { "--tier", "s3" } })
-  end)
-
-  lazy_teardown(function()
-    if emu then assert.equal(0, emu:cleanup()) end
-  end)
-
-  before_each(function()
-    assert.equal(200, (emu:control("POST", "/_emulator/reset")))
-  end)
+  local emu = E.shared({ temp_dir = true, args = { "--tier", "s3" }, reset_each = true })
 
   local function set_config(t)
     local status, body = emu:control("PATCH", "/_emulator/config", t)

@@ -4,13 +4,8 @@ local core = require "iothub.core"
 
 describe("iothub-emulator --policy", function()
   local READER_KEY = core.base64_encode(("r"):rep(32))
-  local emu
-
-  setup(function()
-    emu = emulator.start({ temp_dir = true,
-      args = { "--policy", "dashboardReader:registryRead:" .. READER_KEY, "--policy", "ops:registryRead,registryWrite" } })
-  end)
-  teardown(function() if emu then emu:cleanup() end end)
+  local emu = emulator.shared({ temp_dir = true,
+    args = { "--policy", "dashboardReader:registryRead:" .. READER_KEY, "--policy", "ops:registryRead,registryWrite" } })
 
   it("lets a registryRead policy read the registry with its own key and nothing more", function()
     local auth = { Authorization = emulator.token({ skn = "dashboardReader", key = READER_KEY }) }

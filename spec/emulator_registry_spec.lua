@@ -35,7 +35,7 @@ return {
 ]]
 
 describe("iothub-emulator policies, registry, twins and methods", function()
-  local emu, devices_dir
+  local emu = emulator_process.shared({ devices_source = DEVICES, temp_dir = true })
   local keys = {}
   for _, p in ipairs(auth.policies()) do keys[p.name] = p end -- the launcher's defaults
 
@@ -81,18 +81,6 @@ describe("iothub-emulator policies, registry, twins and methods", function()
 
   local function seg(s) return core.url_encode(s) end
 
-  lazy_setup(function()
-    local ok, dir = shell.run("mktemp -d /tmp/iothub-emu-reg-spec.XXXXXX")
-    assert(ok, dir)
-    devices_dir = dir:gsub("%s+$", "")
-    shell.write_file(devices_dir .. "/devices.lua", DEVICES)
-    emu = emulator_process.start({ devices = devices_dir .. "/devices.lua", temp_dir = true })
-  end)
-
-  lazy_teardown(function()
-    if emu then emu:cleanup() end
-    if devices_dir then shell.run("rm -rf " .. shell.quote(devices_dir)) end
-  end)
 
   describe("shared access policies", function()
     -- route, body, and the expected status per policy

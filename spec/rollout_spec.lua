@@ -6,17 +6,7 @@ local core = require "iothub.core"
 local Rollout = require "iothub.rollout"
 local definitions = require "iothub.definitions"
 local connection = require "iothub.cli.connection"
-local shell = require "support.shell"
-local sh_quote, run, sleep = shell.quote, shell.run, shell.sleep
-local read_file, write_file, alive = shell.read_file, shell.write_file, shell.alive
-
-local ROOT = (function()
-  local _, pwd = run("pwd")
-  local src = debug.getinfo(1, "S").source:gsub("^@", "")
-  local dir = src:match("^(.*)/spec/[^/]*$") or "."
-  if dir:sub(1, 1) ~= "/" then dir = pwd:gsub("%s+$", "") .. "/" .. dir end
-  return dir
-end)()
+local emulator_process = require "support.emulator_process"
 
 local function load(src)
   local defs, problems = definitions.load_string(src, "spec.lua")
@@ -134,7 +124,6 @@ describe("rollout (offline)", function()
 end)
 
 describe("rollout against the emulator", function()
-  local emu = {}
   local clients
 
   -- A fleet for this spec: 1500 "dev-" devices (long lists), 40 good and 10 failing devices.
@@ -148,35 +137,14 @@ return { fleets = {
 } }
 ]]
 
-  local function start()
-    local _, dir = run("mktemp -d /tmp/iothub-rollout-spec.XXXXXX")
-    emu.dir = dir:gsub("%s+$", "")
-    write_file(emu.dir .. "/devices.lua", DEVICES)
-    for _ = 1, 5 do
-      local port = math.random(20000, 60000)
-      local out, pid_file = emu.dir .. "/launcher.out", emu.dir .. "/launcher.pid"
-      run("(" .. sh_quote(ROOT .. "/bin/iothub-emulator") .. " --devices " .. sh_quote(emu.dir .. "/devices.lua")
-        .. " --http-port " .. port .. " --https-port 0 --job-rate 1000 --max-active-jobs 2 --dir "
-        .. sh_quote(emu.dir .. "/state") .. " >" .. sh_quote(out) .. " 2>&1 </dev/null & echo $! >"
-        .. sh_quote(pid_file) .. ")")
-      emu.pid = tonumber((read_file(pid_file) or ""):match("%d+"))
-      for _ = 1, 150 do
-        if (read_file(out) or ""):find("\nready\n", 1, true) then
-          emu.state = emu.dir .. "/state"
-          return
-        end
-        if not emu.pid or not alive(emu.pid) then break end
-        sleep(0.1)
-      end
-      if emu.pid and alive(emu.pid) then run("kill " .. emu.pid) end
-    end
-    error("the emulator did not start:\n" .. (read_file(emu.dir .. "/launcher.out") or ""))
-  end
+  -- --max-active-jobs 2 so the third job of a split list meets 429004
+  local emu = emulator_process.shared({ devices_source = DEVICES, args = { "--job-rate", "1000", "--max-active-jobs", "2" },
+    ready_timeout = 15 })
 
   -- Job PUTs the emulator served, by job id (from its access log).
   local function puts()
     local out = {}
-    for id, status in (read_file(emu.state .. "/logs/access.log") or ""):gmatch('"PUT /jobs/v2/([^?" ]+)[^"]*" (%d+)') do
+    for id, status in emu:access_log():gmatch('"PUT /jobs/v2/([^?" ]+)[^"]*" (%d+)') do
       out[id] = out[id] or {}
       table.insert(out[id], tonumber(status))
     end
@@ -192,21 +160,7 @@ return { fleets = {
   end
 
   lazy_setup(function()
-    math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100003)
-    start()
-    local conn = assert(connection.emulator(emu.state))
-    clients = assert(connection.clients(conn))
-  end)
-
-  lazy_teardown(function()
-    if emu.pid and alive(emu.pid) then
-      run("kill -TERM " .. emu.pid)
-      for _ = 1, 100 do
-        if not alive(emu.pid) then break end
-        sleep(0.1)
-      end
-    end
-    if emu.dir then run("rm -rf " .. sh_quote(emu.dir)) end
+    clients = assert(connection.clients(assert(connection.emulator(emu.dir))))
   end)
 
   it("runs a 1,500-device list as several jobs within the hub's job limit, as one aggregated progress", function()

@@ -476,7 +476,8 @@ end
 ---------------------------------------------------------------------------
 -- Loading
 
-local function read_all(path)
+--- The whole file at path (for the CLI's @file values too), or nil and why.
+function M.read_file(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
   local s = f:read("*a")
@@ -519,7 +520,7 @@ local function sandbox(declare, base_dir)
   env.json_file = function(path)
     if type(path) ~= "string" then error("json_file(path) needs a file name", 2) end
     local full = path:sub(1, 1) == "/" and path or (base_dir .. "/" .. path)
-    local text, err = read_all(full)
+    local text, err = M.read_file(full)
     if not text then error("json_file: cannot read " .. full .. ": " .. tostring(err), 2) end
     local value, why = core.json_decode(text)
     if value == nil then error("json_file: " .. full .. " is not valid JSON: " .. tostring(why), 2) end
@@ -651,7 +652,7 @@ end
 --- Loads a definitions file. Returns the definitions or nil, problems.
 function M.load(path)
   if type(path) ~= "string" then error("definitions.load: path must be a string", 2) end
-  local source, err = read_all(path)
+  local source, err = M.read_file(path)
   if not source then
     return nil, { setmetatable({ file = path, message = "cannot read the file: " .. tostring(err) }, Problem) }
   end

@@ -4,7 +4,9 @@
 --   local emu = require("support.emulator_process").start{ devices = path, dir = path, args = { "--tier", "S1" } }
 --   local status, body, headers = emu:api("GET", "/jobs/v2/x")        -- adds api-version
 --   emu:control("POST", "/_emulator/clock", { advanceSeconds = 60 })   -- no api-version
+--   emu:requests_served(); emu:access_log()                            -- "sent nothing" checks
 --   emu:stop(); emu:start(); emu:cleanup()
+--   local emu = require("support.emulator_process").shared{ reset_each = true }  -- per describe block
 local core = require "iothub.core"
 local curl = require "iothub.curl"
 local shell = require "support.shell"
@@ -14,15 +16,13 @@ local M = {}
 M.KEY = "aW90aHViLWVtdWxhdG9yLWRldmVsb3BtZW50LWtleSE=" -- the launcher's default key
 M.API_VERSION = "api-version=2021-04-12"
 
-M.ROOT = (function()
-  local src = debug.getinfo(1, "S").source:gsub("^@", "")
-  local dir = src:match("^(.*)/spec/support/[^/]*$") or "."
-  if dir:sub(1, 1) ~= "/" then
-    local _, pwd = shell.run("pwd")
-    dir = pwd:gsub("%s+$", "") .. "/" .. dir
-  end
-  return dir
-end)()
+M.ROOT = shell.ROOT
+
+-- Background jobs of a non-interactive shell ignore SIGINT; env (coreutils 8.31+) resets it,
+-- so a spec can stop the launcher with the signal Ctrl-C sends.
+local RESET_INT = shell.run("env --default-signal=INT true") and "env --default-signal=INT " or ""
+-- The signal Ctrl-C sends, when the launcher can receive it (else TERM).
+M.INTERRUPT = RESET_INT ~= "" and "INT" or "TERM"
 
 function M.token(opts)
   opts = opts or {}
@@ -33,9 +33,10 @@ function M.token(opts)
     .. "&se=" .. se .. "&skn=" .. (opts.skn or "iothubowner")
 end
 
--- The error object inside envelope B.
+-- The error object inside envelope B (JSON in Message, ExceptionMessage empty), as the hub sends errors.
 function M.inner_error(body)
   assert(type(body) == "table" and type(body.Message) == "string", "not an error envelope")
+  assert(body.ExceptionMessage == "", "envelope B has an empty ExceptionMessage")
   return core.json_decode(body.Message)
 end
 
@@ -49,39 +50,84 @@ local function seed()
   math.randomseed(os.time() + (tonumber(tostring({}):match("0x(%x+)") or "0", 16) or 0) % 1000003)
 end
 
--- opts: devices (file; default examples/devices.lua, false for none), dir (a kept --dir;
--- default: <tmp>/dir of a fresh temp dir), args (extra launcher flags), temp_dir (true: no
--- --dir at all, so nothing persists), ready_timeout (seconds, default 10).
-function M.start(opts)
-  seed()
-  opts = opts or {}
-  local ok, tmp = shell.run("mktemp -d /tmp/iothub-emu-spec.XXXXXX")
-  assert(ok, tmp)
-  local self = setmetatable({ opts = opts, tmp = tmp:gsub("%s+$", "") }, Emu)
-  if not opts.temp_dir then self.dir = opts.dir or (self.tmp .. "/dir") end
-  self.easy = assert(curl.easy({}))
+-- opts: devices (file; default examples/devices.lua, false for none), devices_source (the
+-- text of a devices file, written into the temp dir), dir (a kept --dir; default: <tmp>/dir of
+-- a fresh temp dir), args (extra launcher flags), temp_dir (true: no --dir at all, so nothing
+-- persists), https (true: HTTPS too, on the port after the HTTP one), ready_timeout (seconds,
+-- default 10).
+-- Not started yet: emu:start() launches it (and again after emu:stop()).
+function M.new(opts)
+  return setmetatable({ opts = opts or {} }, Emu)
+end
+
+-- Starts; on failure removes what it made and raises.
+local function launch(self)
   local started, err = pcall(self.start, self)
   if not started then
     self:cleanup()
-    error(err, 2)
+    error(err, 0)
   end
   return self
 end
 
+-- A running emulator.
+function M.start(opts)
+  return launch(M.new(opts))
+end
+
+-- One emulator for the tests of the enclosing describe block (busted hooks): started before
+-- its first test and stopped after its last, which must end with exit status 0 (unless a
+-- test stopped it already). opts as M.start's, and reset_each (true: reset it to its start
+-- state before each test).
+function M.shared(opts)
+  local busted = require "busted"
+  local emu, started = M.new(opts), false
+  busted.lazy_setup(function()
+    launch(emu)
+    started = true
+  end)
+  busted.lazy_teardown(function()
+    if not started then return end
+    local running = emu.pid ~= nil
+    local rc = emu:cleanup()
+    assert(rc == 0 or not running, "the emulator exited with status " .. tostring(rc))
+  end)
+  if emu.opts.reset_each then
+    busted.before_each(function()
+      local status = emu:control("POST", "/_emulator/reset")
+      assert(status == 200, "POST /_emulator/reset -> " .. tostring(status))
+    end)
+  end
+  return emu
+end
+
 function Emu:start()
+  seed()
   local opts = self.opts
+  if not self.tmp then
+    self.tmp = shell.temp_dir("iothub-emu-spec")
+    if not opts.temp_dir then self.dir = opts.dir or (self.tmp .. "/dir") end
+    self.easy = assert(curl.easy({}))
+  end
   local devices = opts.devices
-  if devices == nil then devices = M.ROOT .. "/examples/devices.lua" end
+  if opts.devices_source then
+    devices = self.tmp .. "/devices.lua"
+    shell.write_file(devices, opts.devices_source)
+  elseif devices == nil then
+    devices = M.ROOT .. "/examples/devices.lua"
+  end
   for _ = 1, 5 do
     local port = math.random(20000, 60000)
+    self.http_port, self.https_port = port, opts.https and port + 1 or nil
     self.out = self.tmp .. "/launcher." .. port .. ".out"
     self.rc_file = self.tmp .. "/launcher." .. port .. ".rc"
     local pid_file = self.tmp .. "/launcher." .. port .. ".pid"
-    local cmd = { shell.quote(M.ROOT .. "/bin/iothub-emulator"), "--http-port", port, "--https-port", 0 }
+    local cmd = { RESET_INT .. shell.quote(M.ROOT .. "/bin/iothub-emulator"), "--http-port", port,
+      "--https-port", self.https_port or 0 }
     if devices then cmd[#cmd + 1] = "--devices " .. shell.quote(devices) end
     if self.dir then cmd[#cmd + 1] = "--dir " .. shell.quote(self.dir) end
     for _, a in ipairs(opts.args or {}) do cmd[#cmd + 1] = shell.quote(a) end
-    -- a wrapper records the launcher's exit status; $! is the launcher itself
+    -- a wrapper records the launcher's exit status; env execs it, so $! is the launcher itself
     shell.run("( " .. table.concat(cmd, " ") .. " >" .. shell.quote(self.out) .. " 2>&1 </dev/null & echo $! >"
       .. shell.quote(pid_file) .. "; wait $!; echo $? >" .. shell.quote(self.rc_file) .. " ) >/dev/null 2>&1 &")
     for _ = 1, 100 do
@@ -110,10 +156,11 @@ function Emu:output()
   return shell.read_file(self.out) or ""
 end
 
--- SIGTERM; returns the launcher's exit status once it has ended.
-function Emu:stop()
+-- Sends signal (default TERM; M.INTERRUPT for Ctrl-C's); returns the launcher's exit status
+-- once it has ended.
+function Emu:stop(signal)
   if not self.pid then return nil end
-  shell.run("kill -TERM " .. self.pid)
+  shell.run("kill -" .. (signal or "TERM") .. " " .. self.pid)
   local rc
   for _ = 1, 200 do
     rc = tonumber((shell.read_file(self.rc_file) or ""):match("%d+"))
@@ -128,13 +175,30 @@ end
 function Emu:cleanup()
   local rc = self.pid and self:stop()
   if self.easy then self.easy:close(); self.easy = nil end
-  shell.run("rm -rf " .. shell.quote(self.tmp))
+  if self.tmp then shell.run("rm -rf " .. shell.quote(self.tmp)) end
+  self.tmp = nil
   return rc
+end
+
+-- The nginx access log of the kept --dir, one line per request served, from byte from + 1
+-- on (default: all of it).
+function Emu:access_log(from)
+  assert(self.dir, "no --dir, so no access log to read")
+  return (shell.read_file(self.dir .. "/logs/access.log") or ""):sub((from or 0) + 1)
+end
+
+-- How many requests the emulator has served so far: the same count before and after a step
+-- proves the step sent nothing.
+function Emu:requests_served()
+  local n = 0
+  for _ in self:access_log():gmatch("[^\n]+") do n = n + 1 end
+  return n
 end
 
 -- One request. headers: name -> value (false drops the default Authorization).
 -- opts.fresh: on a new connection (libcurl silently resends a request whose reused
--- keep-alive connection closes without an answer); opts.timeout in seconds.
+-- keep-alive connection closes without an answer); opts.timeout in seconds; opts.base:
+-- another base URL (e.g. "https://localhost:" .. emu.https_port) with opts.ca_file to trust.
 -- Returns status, decoded body (or nil), response headers, raw body; or nil, curl error.
 function Emu:request(method, path, body, headers, opts)
   opts = opts or {}
@@ -147,8 +211,8 @@ function Emu:request(method, path, body, headers, opts)
   if body ~= nil and type(body) ~= "string" then body = assert(core.json_encode(body)) end
   if body then list[#list + 1] = "Content-Type: application/json; charset=utf-8" end
   local easy = opts.fresh and assert(curl.easy({})) or self.easy
-  local status, rh, raw = easy:perform({ method = method, url = self.base .. path, body = body,
-    headers = list, proxy = "", timeout = opts.timeout or 30 })
+  local status, rh, raw = easy:perform({ method = method, url = (opts.base or self.base) .. path, body = body,
+    headers = list, proxy = "", caFile = opts.ca_file, timeout = opts.timeout or 30 })
   if opts.fresh then easy:close() end
   if not status then return nil, rh end
   local decoded = raw ~= "" and core.json_decode(raw) or nil

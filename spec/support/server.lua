@@ -17,23 +17,6 @@ Server.__index = Server
 
 local MODULES = "/usr/lib/nginx/modules"
 
-
--- Runs a shell command; returns ok, combined output (portable across 5.4 and LuaJIT).
-
-
-
-
-local function this_dir()
-  local src = debug.getinfo(1, "S").source:gsub("^@", "")
-  local dir = src:match("^(.*)/[^/]*$") or "."
-  if dir:sub(1, 1) ~= "/" then
-    local ok, cwd = run("pwd")
-    assert(ok, "pwd failed")
-    dir = cwd:gsub("%s+$", "") .. "/" .. dir
-  end
-  return dir
-end
-
 local function make_certs(dir)
   local q = function(name) return shell_quote(dir .. "/" .. name) end
   write_file(dir .. "/server.ext", table.concat({
@@ -213,9 +196,7 @@ end
 
 function M.start(opts)
   opts = opts or {}
-  local ok, out = run("mktemp -d /tmp/iothub-nginx.XXXXXX")
-  assert(ok, "mktemp failed: " .. out)
-  local dir = out:gsub("%s+$", "")
+  local dir = shell.temp_dir("iothub-nginx")
   local self = setmetatable({ dir = dir, conf = dir .. "/nginx.conf", ca_file = dir .. "/ca.pem" }, Server)
   local started, lasterr = false, nil
   local okAll, err = pcall(function()
@@ -225,7 +206,7 @@ function M.start(opts)
     local ipv6 = opts.ipv6 ~= false and has_ipv6_loopback()
     for _ = 1, 20 do
       local ports = random_ports()
-      write_file(self.conf, nginx_conf(dir, ports, this_dir() .. "/server", as_root, ipv6))
+      write_file(self.conf, nginx_conf(dir, ports, shell.ROOT .. "/spec/support/server", as_root, ipv6))
       local okStart, log = run("nginx -p " .. shell_quote(dir) .. " -c " .. shell_quote(self.conf)
         .. " -e " .. shell_quote(dir .. "/error.log"))
       if okStart then

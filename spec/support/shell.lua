@@ -38,4 +38,23 @@ function M.alive(pid)
   return (M.run("kill -0 " .. pid))
 end
 
+-- A fresh private directory /tmp/<name>.XXXXXX; the caller removes it (rm -rf).
+function M.temp_dir(name)
+  local ok, out = M.run("mktemp -d /tmp/" .. name .. ".XXXXXX")
+  assert(ok, "mktemp failed: " .. out)
+  return (out:gsub("%s+$", ""))
+end
+
+-- The repository's root directory, absolute (this file is <root>/spec/support/shell.lua).
+M.ROOT = (function()
+  local src = debug.getinfo(1, "S").source:gsub("^@", "")
+  local dir = src:match("^(.*)/spec/support/[^/]*$") or "."
+  if dir:sub(1, 1) ~= "/" then
+    local ok, pwd = M.run("pwd")
+    assert(ok, "pwd failed")
+    dir = pwd:gsub("%s+$", "") .. (dir == "." and "" or "/" .. dir)
+  end
+  return dir
+end)()
+
 return M

@@ -13,14 +13,6 @@ M.PROGRAM = "iothub-jobs"
 ---------------------------------------------------------------------------
 -- Value kinds
 
-local function read_file(path)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
-
 local KINDS = {}
 
 function KINDS.string(text) return text end
@@ -58,7 +50,7 @@ function KINDS.json(text)
   if text:sub(1, 1) == "@" then
     local err
     where = text:sub(2)
-    source, err = read_file(where)
+    source, err = definitions.read_file(where)
     if not source then return nil, "cannot read " .. where .. ": " .. tostring(err) end
   end
   local value, why = core.json_decode(source)
@@ -96,6 +88,12 @@ local OUTPUT = {
   { "json", nil, kind = "flag", help = "print JSON for scripts on stdout (progress, if any, goes to stderr)" },
   { "quiet", nil, kind = "flag", help = "no progress output" },
   { "help", "h", kind = "flag", help = "show this help" },
+}
+-- plan and run: which jobs of a definitions file, and how device lists are split.
+local DEFINITIONS = {
+  { "job", nil, arg = "NAME", kind = "list", repeatable = true, help = "only these jobs of the file" },
+  { "max-condition-length", nil, arg = "N", kind = "int", min = 64, max = 8192,
+    help = "split device lists into conditions of at most N characters (default 8192, the hub's limit)" },
 }
 local WATCHING = {
   { "interval", nil, arg = "SECONDS", kind = "number", help = "seconds between polls (default 2)" },
@@ -176,21 +174,14 @@ M.COMMANDS = {
   {
     name = "plan", args = "FILE", summary = "show what a definitions file would send, and how many devices each job targets now",
     positionals = { { "file" } },
-    options = concat({
-      { "job", nil, arg = "NAME", kind = "list", repeatable = true, help = "only these jobs of the file" },
-      { "max-condition-length", nil, arg = "N", kind = "int", min = 64, max = 8192,
-        help = "split device lists into conditions of at most N characters (default 8192, the hub's limit)" },
-    }, OUTPUT, CONNECTION),
+    options = concat(DEFINITIONS, OUTPUT, CONNECTION),
   },
   {
     name = "run", args = "FILE", summary = "run a definitions file: create (or resume) its jobs, stage by stage, and watch them",
     positionals = { { "file" } },
-    options = concat({
-      { "job", nil, arg = "NAME", kind = "list", repeatable = true, help = "only these jobs of the file" },
+    options = concat(DEFINITIONS, {
       { "max-active-jobs", nil, arg = "N", kind = "int", min = 1, help = "run at most N jobs at once " ..
         "(default: as many as the hub allows, learnt from 429004; S1 allows 1, S2 5, S3 10)" },
-      { "max-condition-length", nil, arg = "N", kind = "int", min = 64, max = 8192,
-        help = "split device lists into conditions of at most N characters (default 8192, the hub's limit)" },
     }, WATCHING, OUTPUT, CONNECTION),
   },
   {
@@ -242,6 +233,13 @@ local function wrap(text, width, indent)
   return table.concat(lines, "\n" .. indent)
 end
 
+-- Appends the exit code table to help lines.
+local function add_exit_codes(out)
+  out[#out + 1] = ""
+  out[#out + 1] = "Exit codes:"
+  for _, row in ipairs(exitcodes.TABLE) do out[#out + 1] = ("  %3d  %s"):format(row[1], row[2]) end
+end
+
 function M.overview()
   local out = {
     "Usage: " .. M.PROGRAM .. " COMMAND [options]",
@@ -256,9 +254,7 @@ function M.overview()
   out[#out + 1] = ""
   out[#out + 1] = "Connection: --connection-string CS, else $IOTHUB_CONNECTION_STRING, or --emulator[=DIR]"
   out[#out + 1] = "for a local bin/iothub-emulator. `" .. M.PROGRAM .. " COMMAND --help` shows a command's options."
-  out[#out + 1] = ""
-  out[#out + 1] = "Exit codes:"
-  for _, row in ipairs(exitcodes.TABLE) do out[#out + 1] = ("  %3d  %s"):format(row[1], row[2]) end
+  add_exit_codes(out)
   return table.concat(out, "\n") .. "\n"
 end
 
@@ -286,11 +282,7 @@ function M.help(name)
     out[#out + 1] = "Examples:"
     for _, e in ipairs(c.examples) do out[#out + 1] = "  " .. e end
   end
-  if c.name == "run" or c.name == "watch" or c.name == "create" then
-    out[#out + 1] = ""
-    out[#out + 1] = "Exit codes:"
-    for _, row in ipairs(exitcodes.TABLE) do out[#out + 1] = ("  %3d  %s"):format(row[1], row[2]) end
-  end
+  if c.name == "run" or c.name == "watch" or c.name == "create" then add_exit_codes(out) end
   return table.concat(out, "\n") .. "\n"
 end
 

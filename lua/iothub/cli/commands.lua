@@ -119,6 +119,30 @@ function M.create(ctx)
   return exitcodes.OK
 end
 
+-- Prints what a paging iterator yields, up to `top` items: a JSON array with --json, else
+-- the header and one row(item) line each. Returns the count, or nil and the exit code of
+-- the error that stopped it.
+local function print_rows(ctx, items, header, row, top)
+  local json = ctx.options.json
+  local n = 0
+  if json then ctx.out:write("[") else ctx.out:write(header, "\n") end
+  for item, err in items do
+    if not item then
+      if json then ctx.out:write("]\n") end
+      return nil, fail(ctx, err)
+    end
+    n = n + 1
+    if json then
+      ctx.out:write(n > 1 and "," or "", assert(iothub.json.encode(item)))
+    else
+      ctx.out:write(row(item), "\n")
+    end
+    if top and n >= top then break end
+  end
+  if json then ctx.out:write("]\n") end
+  return n
+end
+
 function M.show(ctx)
   local clients, code = ctx.connect()
   if not clients then return code end
@@ -133,23 +157,8 @@ function M.list(ctx)
   local clients, code = ctx.connect()
   if not clients then return code end
   local filter = { type = WIRE_TYPES[o.type] or o.type, status = o.status }
-  local n = 0
-  if o.json then ctx.out:write("[") else ctx.out:write(output.list_header(), "\n") end
-  for job, err in clients.jobs:queryJobs(filter) do
-    if not job then
-      if o.json then ctx.out:write("]\n") end
-      return fail(ctx, err)
-    end
-    n = n + 1
-    if o.json then
-      ctx.out:write(n > 1 and "," or "", assert(iothub.json.encode(job)))
-    else
-      ctx.out:write(output.list_row(job), "\n")
-    end
-    if o.top and n >= o.top then break end
-  end
-  if o.json then ctx.out:write("]\n") end
-  return exitcodes.OK
+  local shown, failed = print_rows(ctx, clients.jobs:queryJobs(filter), output.list_header(), output.list_row, o.top)
+  return shown and exitcodes.OK or failed
 end
 
 function M.cancel(ctx)
@@ -186,23 +195,10 @@ function M.devices(ctx)
   -- The rows query is empty for an unknown id; say so instead of printing nothing.
   local job, err = clients.jobs:getJob(id)
   if not job then return fail(ctx, err) end
-  local n = 0
-  if o.json then ctx.out:write("[") else ctx.out:write(output.device_header(), "\n") end
-  for row, rerr in clients.jobs:deviceJobs(id, { status = o.failed and "failed" or o.status }) do
-    if not row then
-      if o.json then ctx.out:write("]\n") end
-      return fail(ctx, rerr)
-    end
-    n = n + 1
-    if o.json then
-      ctx.out:write(n > 1 and "," or "", assert(iothub.json.encode(row)))
-    else
-      ctx.out:write(output.device_row(row), "\n")
-    end
-  end
-  if o.json then
-    ctx.out:write("]\n")
-  else
+  local rows = clients.jobs:deviceJobs(id, { status = o.failed and "failed" or o.status })
+  local n, failed = print_rows(ctx, rows, output.device_header(), output.device_row)
+  if not n then return failed end
+  if not o.json then
     ctx.out:write(("%d row(s) shown; job %s is %s: %s\n"):format(n, id, tostring(job.status),
       output.stats_text(job.deviceJobStatistics)))
   end
@@ -234,24 +230,30 @@ local function load_definitions(ctx)
   return defs, only
 end
 
-function M.plan(ctx)
+-- For plan and run: the loaded file, its --job selection and a connected Rollout.
+-- Returns { defs=, only=, rollout= } or nil, exit code.
+local function file_rollout(ctx)
   local defs, only = load_definitions(ctx)
-  if not defs then return only end
+  if not defs then return nil, only end
   local clients, code = ctx.connect()
-  if not clients then return code end
-  local plan, err = rollout(ctx, clients):plan(defs, only)
+  if not clients then return nil, code end
+  return { defs = defs, only = only, rollout = rollout(ctx, clients) }
+end
+
+function M.plan(ctx)
+  local file, code = file_rollout(ctx)
+  if not file then return code end
+  local plan, err = file.rollout:plan(file.defs, file.only)
   if not plan then return fail(ctx, err) end
   if ctx.options.json then output.json(output.plan_data(plan), ctx.out) else ctx.out:write(output.plan_text(plan)) end
   return exitcodes.OK
 end
 
 function M.run(ctx)
-  local defs, only = load_definitions(ctx)
-  if not defs then return only end
-  local clients, code = ctx.connect()
-  if not clients then return code end
-  local r = rollout(ctx, clients)
-  local result, err = r:run(defs, only)
+  local file, code = file_rollout(ctx)
+  if not file then return code end
+  local r = file.rollout
+  local result, err = r:run(file.defs, file.only)
   ctx.progress:close()
   if not result then
     local unfinished = r:unfinished()

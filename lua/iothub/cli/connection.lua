@@ -13,6 +13,7 @@
 -- else the launcher's defaults.
 -- @module iothub.cli.connection
 local iothub = require "iothub"
+local read_file = require("iothub.definitions").read_file
 
 local M = {}
 
@@ -22,14 +23,6 @@ M.EMULATOR_DEFAULT = {
     "SharedAccessKey=aW90aHViLWVtdWxhdG9yLWRldmVsb3BtZW50LWtleSE=",
   endpoint = "http://127.0.0.1:8080",
 }
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
 local function is_dir(path)
   local f = io.open(path .. "/.", "rb")
