@@ -18,6 +18,7 @@ M.catalog = {
   DeviceAlreadyExists = { 409, 409001 },
   JobAlreadyExists = { 409, 409000 },
   PreconditionFailed = { 412, 412001 },
+  MessageTooLarge = { 413, 413001 },
   ThrottlingMaxActiveJobCountExceeded = { 429, 429004 },
   ServerError = { 500, 500001 },
   GatewayTimeout = { 504, 504101 },

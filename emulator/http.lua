@@ -398,6 +398,17 @@ local function dispatch(rec)
   route[3]({ method = method, segs = segs, params = params, headers = headers, args = args })
 end
 
+-- error_page target (/_emulator/refused/<status>, internal) for requests nginx refuses
+-- before Lua runs.
+function M.refused()
+  local status = tonumber(ngx.var.uri:match("(%d+)$")) or 400
+  if status == 413 then
+    send_error(errors.new("MessageTooLarge", "The request body is larger than the emulator accepts (4 MB)."))
+  else
+    send_error(errors.new("GenericBadRequest", "The request line or URI is malformed (HTTP " .. status .. ")."))
+  end
+end
+
 function M.handle()
   local started = core.monotime()
   local rec = {}
