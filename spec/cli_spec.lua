@@ -70,6 +70,14 @@ describe("iothub-jobs", function()
       end
     end)
 
+    it("prints the usage to stderr and exits 2 when no command is given", function()
+      local rc, out, err = cli("")
+      assert.equal(2, rc)
+      assert.equal("", out)
+      assert.matches("^Usage: iothub%-jobs COMMAND", err)
+      assert.matches("130  interrupted", err)
+    end)
+
     it("refuses bad command lines with exit 2, says what to fix, and sends nothing", function()
       local before = emu:requests_served()
       local cases = {
@@ -89,6 +97,7 @@ describe("iothub-jobs", function()
         { "create method m --device d --response-timeout 1 " .. E, "from 5 to 300" },
         { "create method m --device d", "no hub to talk to" },
         { "show x --emulator=/nonexistent/dir", "no such directory or file" },
+        { "plan examples " .. E, "examples: is a directory; give the definitions file in it" },
       }
       for _, case in ipairs(cases) do
         local rc, _, err = cli(case[1])
@@ -113,17 +122,44 @@ describe("iothub-jobs", function()
       assert.equal(5, rc)
     end)
 
-    it("exits 4 when the hub refuses the key (and never prints it), 5 when it cannot be reached", function()
+    it("exits 4 when the hub refuses the key (never printing it, nor a list on stdout), 5 when it cannot be reached",
+      function()
       local wrong = core.base64_encode("a wrong key of thirty-two bytes!")
-      local rc, out, err = cli("list -c 'HostName=localhost;SharedAccessKeyName=iothubowner;SharedAccessKey=" .. wrong
-        .. "' --endpoint http://127.0.0.1:" .. emu.http_port)
-      assert.equal(4, rc)
-      assert.matches("401", err)
-      assert.falsy((out .. err):find(wrong, 1, true))
-      rc, out, err = cli("show x --emulator --endpoint http://127.0.0.1:9")
+      local bad_key = "-c 'HostName=localhost;SharedAccessKeyName=iothubowner;SharedAccessKey=" .. wrong
+        .. "' --endpoint http://127.0.0.1:" .. emu.http_port
+      for _, json in ipairs({ "", " --json" }) do
+        local rc, out, err = cli("list " .. bad_key .. json)
+        assert.equal(4, rc)
+        assert.equal("", out) -- neither "[]" nor a table header: a script must not read an empty list
+        assert.matches("401", err)
+        assert.falsy((out .. err):find(wrong, 1, true))
+      end
+      local rc, out, err = cli("show x --emulator --endpoint http://127.0.0.1:9")
       assert.equal("", out)
       assert.equal(5, rc)
       assert.matches("iothub%-jobs: ", err)
+    end)
+
+    it("reports an emulator that is not running within a second, and says what to check", function()
+      -- nothing listens on port 9 of this machine
+      local started = core.monotime()
+      local rc, out, err = cli("show x --emulator --endpoint http://127.0.0.1:9")
+      assert.equal(5, rc)
+      assert.equal("", out)
+      assert.is_true(core.monotime() - started < 3, "took " .. (core.monotime() - started) .. " s")
+      assert.matches("is bin/iothub%-emulator running at http://127%.0%.0%.1:9%? %(bare %-%-emulator means", err)
+      -- the --dir of a stopped emulator: its nginx.conf is still there, its connection file is not
+      local dir = emu.tmp .. "/stopped"
+      assert(run("mkdir -p " .. sh_quote(dir)))
+      write_file(dir .. "/nginx.conf", 'host = "localhost"\nkey = "' .. emulator_process.KEY .. '"\n'
+        .. "listen 127.0.0.1:9;\n")
+      started = core.monotime()
+      rc, out, err = cli("list --emulator=" .. sh_quote(dir))
+      assert.equal(5, rc)
+      assert.equal("", out)
+      assert.is_true(core.monotime() - started < 3, "took " .. (core.monotime() - started) .. " s")
+      assert.truthy(err:find("is bin/iothub-emulator running at http://127.0.0.1:9? (" .. dir .. "/connection is missing: "
+        .. "start it with bin/iothub-emulator --dir " .. dir .. ")", 1, true), err)
     end)
   end)
 
@@ -194,6 +230,16 @@ describe("iothub-jobs", function()
       assert.equal(1, rc)
     end)
 
+    it("watches jobs that exist with their own status, never 'creating'", function()
+      assert.equal(0, (cli("create method lockDoor --device door-004 --id cli-watch-a --watch --quiet --interval 0.2 " .. E)))
+      assert.equal(0, (cli("create method lockDoor --device door-002 --start +1h --id cli-watch-b " .. E)))
+      local rc, _, err = cli("watch cli-watch-a cli-watch-b --timeout 1 --interval 0.2 " .. E)
+      assert.equal(6, rc)
+      assert.matches("%] 2 jobs: scheduled, 1 succeeded", err)
+      assert.falsy(err:find("creating", 1, true), err)
+      assert.equal(0, (cli("cancel cli-watch-b " .. E)))
+    end)
+
     it("exits 7 for a job the hub does not know", function()
       local rc, _, err = cli("show no-such-job " .. E)
       assert.equal(7, rc)
@@ -237,6 +283,28 @@ describe("iothub-jobs", function()
       local plan = core.json_decode(out)
       assert.equal(1, #plan.jobs)
       assert.equal("scheduleUpdateTwin", plan.jobs[1].stages[1].requests[1].body.type)
+    end)
+
+    it("plan counts a device list split into several jobs (the case it exists for)", function()
+      -- 60 devices that exist and 500 long ids that do not: the first job's condition is close
+      -- to 8192 characters, too long to wrap in one counting query
+      local file = tmpfile("split.lua", [[
+local targets = ids("b7-door-%03d", 1, 60)
+for i = 1, 500 do targets[#targets + 1] = ("a-rather-long-device-identifier-%04d"):format(i) end
+job "split" { method = "lockDoor", devices = targets }
+]])
+      local log = emu:access_log()
+      local rc, out, err = cli("plan " .. sh_quote(file) .. " " .. E)
+      assert.equal(0, rc, err)
+      assert.matches("targets now: 60 device%(s%) exist of 560 listed", out)
+      assert.matches("PUT /jobs/v2/split%-%x+%-c1  %[60 device%(s%) match now of %d+ listed%]", out)
+      assert.matches("PUT /jobs/v2/split%-%x+%-c3  %[0 device%(s%) match now of %d+ listed%]", out)
+      assert.falsy(emu:access_log(#log):find('"PUT ', 1, true))
+      rc, out = cli("plan " .. sh_quote(file) .. " --json " .. E)
+      assert.equal(0, rc)
+      local plan = core.json_decode(out)
+      assert.equal(60, plan.jobs[1].devices)
+      assert.equal(3, #plan.jobs[1].stages[1].requests)
     end)
 
     it("run executes the staged rollout (3: three jammed doors failed), and a re-run adopts every job", function()
@@ -320,10 +388,11 @@ job "jammed" {
     end)
 
     -- Runs args on a pty (util-linux script); input is written to the pty after `delay` s.
-    local function on_pty(args, input, delay)
+    local function on_pty(args, input, delay, columns)
       local typescript = emu.tmp .. "/typescript"
       local feed = input and ("(sleep " .. delay .. "; printf '" .. input .. "'; sleep 3)") or "(sleep 0.1)"
-      local _, _, rc = run("cd " .. sh_quote(ROOT) .. " && " .. feed .. " | env -u IOTHUB_CONNECTION_STRING COLUMNS=110 "
+      local _, _, rc = run("cd " .. sh_quote(ROOT) .. " && " .. feed .. " | env -u IOTHUB_CONNECTION_STRING COLUMNS="
+        .. (columns or 110) .. " "
         .. "script -qfec " .. sh_quote(LUA .. " bin/iothub-jobs " .. args) .. " /dev/null >" .. sh_quote(typescript))
       return rc, read_file(typescript) or ""
     end
@@ -337,6 +406,23 @@ job "jammed" {
       -- the last frame is the final state, and its line is ended before the summary
       assert.matches("\r\27%[Kcli%-pty%-bar  completed  %[#+x+%]  57 ok  3 failed  0 pending of 60  0:0%d  done\r?\n"
         .. "cli%-pty%-bar: completed, 60 device%(s%): 57 succeeded, 3 failed", screen)
+    end)
+
+    it("fits the bar into 80 columns: a UUID label shortened, the counts, elapsed time and ETA whole", function()
+      if not HAS_SCRIPT then pending("util-linux script is not installed") return end
+      local rc, screen = on_pty("create method lockDoor --query \"tags.location.building = '7'\" --watch "
+        .. "--interval 0.2 " .. E, nil, nil, 80)
+      assert.equal(3, rc)
+      local id = screen:match("created job (%x+%-[%x%-]+)")
+      assert.equal(36, #id)
+      local short = id:sub(1, 8)
+      assert.matches("\r\27%[K" .. short .. "  running  %[[#x%.]+%]  %d+ ok  %d+ failed  %d+ pending of 60  0:0%d  ETA "
+        .. "[%d%-]+:[%d%-]+", screen)
+      assert.matches("\r\27%[K" .. short .. "  completed  %[[#x]+%]  57 ok  3 failed  0 pending of 60  0:0%d  done\r?\n"
+        .. id:gsub("%-", "%%-") .. ": completed", screen)
+      for frame in screen:gmatch("\r\27%[K([^\r\n]*)") do
+        assert.is_true(#frame <= 79, #frame .. " columns: " .. frame)
+      end
     end)
 
     it("exits 130 on Ctrl-C while watching", function()
@@ -363,5 +449,150 @@ job "jammed" {
       assert.equal(0, code)
       assert.matches("cancelled", out)
     end)
+  end)
+end)
+
+describe("iothub-jobs output (offline)", function()
+  local Progress = require "iothub.cli.progress"
+  local commands = require "iothub.cli.commands"
+  local connection = require "iothub.cli.connection"
+  local Pager = require "iothub.pager"
+  local errors = require "iothub.errors"
+
+  -- A stream that keeps what is written.
+  local function buffer()
+    local b = { parts = {} }
+    function b:write(...)
+      for _, s in ipairs({ ... }) do self.parts[#self.parts + 1] = tostring(s) end
+      return self
+    end
+    function b.flush() end
+    function b:text() return table.concat(self.parts) end
+    return b
+  end
+
+  describe("the progress bar at 80 columns", function()
+    local clock
+    local function progress()
+      clock = 100
+      return Progress.new({ mode = "bar", width = 80, stream = buffer(), now = function() return clock end,
+        time = function() return 1000 end })
+    end
+
+    it("keeps the bar for the README's stage label by shortening the label", function()
+      local p = progress()
+      local view = { label = "lock-b7 stage 2/3", name = "lock-b7", stage = 2, stages = 3, status = "running",
+        deviceCount = 28, succeededCount = 14, failedCount = 1, started = 99 }
+      p:bar_text(view)
+      clock = 115 -- 15 devices done in 15 s: 13 to go take 13 s
+      local line = p:bar_text(view)
+      assert.matches("^lock%-b7 2/3  running  %[##x%.%]  14 ok  1 failed  13 pending of 28  0:16  ETA 0:13$", line)
+      assert.is_true(#line <= 79)
+      -- wide enough, the label stays whole
+      p.width = 110
+      assert.matches("^lock%-b7 stage 2/3  running  %[#+x%.+%]  14 ok", p:bar_text(view))
+    end)
+
+    it("shortens create's UUID label to its first 8 characters and never cuts the counts, elapsed or ETA", function()
+      local p = progress()
+      local id = "2f1c9a7e-1b2c-4d5e-8f90-0123456789ab"
+      local line = p:bar_text({ label = id, status = "running", deviceCount = 60, succeededCount = 40, failedCount = 3,
+        started = 99 })
+      assert.matches("^2f1c9a7e  running  %[#+x+%.*%]  40 ok  3 failed  17 pending of 60  0:01  ETA %-%-:%-%-$", line)
+      line = p:bar_text({ label = id, status = "scheduled", startTime = 1000 + 3599, deviceCount = 1, estimated = true,
+        started = 99 })
+      assert.matches("0 ok  0 failed  1 pending of ~1  0:01  starts in 59:59$", line)
+      assert.is_true(#line <= 79)
+      -- many jobs and big numbers: "(k/n jobs)" and the bar go before anything of the counts
+      line = p:bar_text({ label = "big", status = "running", jobs = 3, finished = 1, deviceCount = 10000,
+        succeededCount = 1234, failedCount = 12, started = 99 })
+      assert.matches("^big  running  1234 ok  12 failed  8754 pending of 10000  0:01  ETA", line)
+    end)
+  end)
+
+  it("prints a plain line only when something changes, not when the start countdown ticks", function()
+    local stream, wall = buffer(), 1000
+    local p = Progress.new({ mode = "lines", stream = stream, now = function() return 0 end,
+      time = function() return wall end })
+    local view = { label = "later", status = "scheduled", startTime = 1000 + 3600, deviceCount = 1, started = 0 }
+    for _ = 1, 5 do
+      p:update(view)
+      wall = wall + 2
+    end
+    local text = stream:text()
+    local _, lines = text:gsub("\n", "")
+    assert.equal(1, lines, text)
+    assert.matches("later: scheduled, 0 succeeded, 0 failed, 1 pending of 1 device%(s%) %(starts in 1:00:00%)", text)
+    view.status = "running"
+    p:update(view)
+    _, lines = stream:text():gsub("\n", "")
+    assert.equal(2, lines)
+  end)
+
+  describe("list output when the hub fails", function()
+    -- `list` with a JobClient whose pages are `pages` (an array per page, or an error).
+    local function list(pages, json)
+      local out, err = buffer(), buffer()
+      local fetched = 0
+      local jobs = { queryJobs = function()
+        return Pager.new(function()
+          fetched = fetched + 1
+          local page = pages[fetched]
+          if page.kind then return nil, page end
+          return page, pages[fetched + 1] and ("token" .. fetched) or nil
+        end)
+      end }
+      local ctx = { options = { json = json }, args = {}, out = out, err = err, command = "list",
+        progress = Progress.new({ mode = "off", stream = err }), connect = function() return { jobs = jobs } end }
+      return commands.list(ctx), out:text(), err:text()
+    end
+    local refused = errors.new({ kind = "service", status = 503, code = "ServiceUnavailable", operation = "queryJobs",
+      message = "try later" })
+    local job = { jobId = "j1", type = "scheduleDeviceMethod", status = "completed" }
+
+    it("prints nothing on stdout when the first page fails", function()
+      for _, json in ipairs({ true, false }) do
+        local rc, out, err = list({ refused }, json)
+        assert.equal(7, rc)
+        assert.equal("", out)
+        assert.matches("ServiceUnavailable", err)
+      end
+    end)
+
+    it("leaves the JSON array unclosed when a later page fails, so a parser notices", function()
+      local rc, out, err = list({ { job, job }, refused }, true)
+      assert.equal(7, rc)
+      assert.matches("^%[{.*},{.*}\n$", out)
+      assert.is_nil(core.json_decode(out))
+      assert.matches("ServiceUnavailable", err)
+      rc, out = list({ { job }, refused }, false)
+      assert.equal(7, rc)
+      assert.matches("^JOB ID[^\n]*\nj1 [^\n]*\n$", out)
+    end)
+
+    it("prints complete output when every page comes", function()
+      local rc, out = list({ { job }, { job } }, true)
+      assert.equal(0, rc)
+      assert.equal(2, #core.json_decode(out))
+      rc, out = list({ {} }, true)
+      assert.equal(0, rc)
+      assert.equal("[]\n", out)
+    end)
+  end)
+
+  it("retries briefly on this machine's hubs (emulators), and as the client does elsewhere", function()
+    local cs = "HostName=localhost;SharedAccessKeyName=iothubowner;SharedAccessKey=" .. core.base64_encode("k")
+    local near = assert(connection.clients({ connectionString = cs, endpoint = "http://127.0.0.1:8080" }))
+    assert.equal(2, near.jobs.cfg.retry.maxAttempts)
+    assert.equal(1, near.creator.cfg.retry.maxAttempts)
+    near = assert(connection.clients({ connectionString = cs })) -- https://localhost
+    assert.equal(2, near.registry.cfg.retry.maxAttempts)
+    local far = assert(connection.clients({ connectionString = cs:gsub("localhost", "myhub.azure-devices.net") }))
+    assert.equal(5, far.jobs.cfg.retry.maxAttempts)
+    assert.equal(120, far.jobs.cfg.retry.deadline)
+    for endpoint, loopback in pairs({ ["http://127.0.0.1:9"] = true, ["https://[::1]:8443"] = true,
+      ["https://LOCALHOST"] = true, ["https://127.example.com"] = false, ["https://myhub.azure-devices.net"] = false }) do
+      assert.equal(loopback, connection.is_loopback(endpoint), endpoint)
+    end
   end)
 end)

@@ -215,6 +215,27 @@ job "h" { method = "m", query = "*", stages = {} }
     })
   end)
 
+  it("refuses a staged query too long to list its devices with, and says how to fix it", function()
+    local quoted = {}
+    for i = 1, 908 do quoted[i] = ("'d%05d'"):format(i) end
+    local long = "deviceId IN [" .. table.concat(quoted, ",") .. "]" -- 8185 characters
+    local p = problems_of('job "s" {\n  method = "m",\n  query = "' .. long .. '",\n'
+      .. '  stages = { { count = 1 }, { percent = 100 } },\n}\n')
+    has(p, { { 3, "job 's', field 'query'", "is 8185 characters", "within 8157 characters", "devices = { ... }" } })
+    -- without stages nothing is listed, and a job takes the condition as it is
+    load_ok('job "s" { method = "m", query = "' .. long .. '" }')
+  end)
+
+  it("says that a directory is not a definitions file", function()
+    local defs, problems = definitions.load(ROOT .. "/examples")
+    assert.is_nil(defs)
+    assert.equal(ROOT .. "/examples: is a directory; give the definitions file in it (a .lua file that declares jobs)",
+      tostring(problems[1]))
+    local text, err = definitions.read_file(ROOT .. "/examples")
+    assert.is_nil(text)
+    assert.equal(ROOT .. "/examples: is a directory", err)
+  end)
+
   it("gives jobs their default ttl, parses durations and start times", function()
     local defs = load_ok([[
       job "a" { method = "m", query = "*" }

@@ -123,6 +123,63 @@ describe("rollout (offline)", function()
   end)
 end)
 
+describe("rollout counting within the hub's query limit (offline)", function()
+  local support = require "support.client"
+  local iothub = support.iothub
+
+  -- A hub that refuses queries over the limit, as the service does, and answers COUNT() with
+  -- the number of ids in the IN list; every job GET is 404.
+  local function strict_hub()
+    local queries = {}
+    local function answer(req)
+      if req.method == "GET" then return { status = 404, body = { Message = "ErrorCode:JobNotFound;no such job" } } end
+      local query = core.json_decode(req.body).query
+      queries[#queries + 1] = query
+      if #query > core.query_max_length then
+        return { status = 400, body = { Message = "ErrorCode:ArgumentInvalid;the query is " .. #query .. " characters long" } }
+      end
+      local n = 0
+      for _ in query:gmatch("'[^']*'") do n = n + 1 end
+      return { status = 200, body = { { n = n } } }
+    end
+    local script = {}
+    for i = 1, 200 do script[i] = answer end
+    local jobs, rec = support.make(iothub.JobClient, script)
+    local registry = support.make(iothub.Registry, nil, { transport = rec })
+    return Rollout.new({ jobs = jobs, registry = registry }), queries, rec
+  end
+
+  it("counts a device list whose chunks fill the condition limit in parts whose query fits", function()
+    local r, queries = strict_hub()
+    local plan = assert(r:plan(load([[job "long" { method = "m", devices = ids("a-rather-long-device-identifier-%04d", 1, 900) }]])))
+    local requests = plan.jobs[1].stages[1].requests
+    assert.is_true(#requests >= 3)
+    local full = false
+    for _, req in ipairs(requests) do
+      assert.equal(req.listed, req.devices)
+      full = full or #req.condition > Rollout.MAX_COUNTED_CONDITION_LENGTH
+    end
+    assert.is_true(full, "a chunk too long to count in one query")
+    assert.equal(900, plan.jobs[1].devices)
+    for _, q in ipairs(queries) do assert.is_true(#q <= core.query_max_length, #q .. " characters") end
+  end)
+
+  it("shows a query target too long to count as uncounted, and sends no query for it", function()
+    local r, queries, rec = strict_hub()
+    local quoted = {}
+    for i = 1, 908 do quoted[i] = ("'d%05d'"):format(i) end
+    local query = "deviceId IN [" .. table.concat(quoted, ",") .. "]" -- 8185 characters: a job takes it
+    assert.is_true(#query <= 8192 and #query > Rollout.MAX_COUNTED_CONDITION_LENGTH)
+    local plan = assert(r:plan(load('job "q" { method = "m", query = "' .. query .. '" }')))
+    local req = plan.jobs[1].stages[1].requests[1]
+    assert.is_nil(req.devices)
+    assert.is_nil(plan.jobs[1].devices)
+    assert.matches("would be %d+ characters long; IoT Hub accepts at most 8192", req.uncounted)
+    assert.equal(0, #queries)
+    assert.equal(1, #rec.requests) -- the job GET only
+  end)
+end)
+
 describe("rollout against the emulator", function()
   local clients
 
@@ -191,6 +248,22 @@ return { fleets = {
     assert.equal(3, last.jobs)
     assert.equal(1500, last.succeededCount)
     assert.equal("completed", last.status)
+  end)
+
+  it("plans a split device list: every chunk counted within the hub's query limit", function()
+    local defs = load([[
+      local targets = ids("dev-%04d", 1, 1500)
+      for i = 1, 20 do targets[#targets + 1] = ("missing-%02d"):format(i) end
+      job "big-plan" { method = "ping", devices = targets }
+    ]])
+    local plan = assert(rollout():plan(defs))
+    local requests = plan.jobs[1].stages[1].requests
+    assert.equal(3, #requests)
+    assert.is_true(#requests[1].condition > Rollout.MAX_COUNTED_CONDITION_LENGTH)
+    assert.equal(1500, plan.jobs[1].devices)
+    local listed = 0
+    for _, req in ipairs(requests) do listed = listed + req.listed end
+    assert.equal(1520, listed)
   end)
 
   it("rolls out in stages; each gate holds before the next stage, in the planned order", function()

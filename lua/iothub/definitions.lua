@@ -27,6 +27,10 @@ local M = {}
 
 M.MAX_NAME_LENGTH = 40      -- leaves room in the 64-character job id for "-<hash>-sNN-cNNN"
 M.MAX_STAGES = 20
+-- A staged job's query targets are listed (iothub.rollout) with this SELECT around the
+-- condition, and the whole query must fit the hub's limit.
+local LISTING_SELECT = "SELECT deviceId FROM devices WHERE "
+M.MAX_STAGED_QUERY_LENGTH = core.query_max_length - #LISTING_SELECT
 local HASH_KEY = "iothub-jobs definitions v1"
 local INSTRUCTION_LIMIT = 50000000 -- a definitions file that runs longer is stuck in a loop
 
@@ -447,6 +451,11 @@ local function validate_job(decl, report)
   elseif t.gate ~= nil then
     report("gate", "applies between stages; add stages = { ... } or remove the gate")
   end
+  if out.stages and out.query and #out.query > M.MAX_STAGED_QUERY_LENGTH then
+    report("query", ("is %d characters; stages need the devices listed with %s<query>, which IoT Hub accepts " ..
+      "only up to %d characters in all: keep the query within %d characters, or list the devices in devices = { ... }")
+      :format(#out.query, LISTING_SELECT, core.query_max_length, M.MAX_STAGED_QUERY_LENGTH))
+  end
   return out
 end
 
@@ -476,12 +485,21 @@ end
 ---------------------------------------------------------------------------
 -- Loading
 
+--- Is path a directory?
+function M.is_dir(path)
+  local f = io.open(path .. "/.", "rb")
+  if f then f:close() return true end
+  return false
+end
+
 --- The whole file at path (for the CLI's @file values too), or nil and why.
 function M.read_file(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
-  local s = f:read("*a")
+  -- A directory opens on Linux; reading it is what fails.
+  local s, rerr = f:read("*a")
   f:close()
+  if not s then return nil, path .. ": " .. (M.is_dir(path) and "is a directory" or tostring(rerr)) end
   return s
 end
 
@@ -654,7 +672,9 @@ function M.load(path)
   if type(path) ~= "string" then error("definitions.load: path must be a string", 2) end
   local source, err = M.read_file(path)
   if not source then
-    return nil, { setmetatable({ file = path, message = "cannot read the file: " .. tostring(err) }, Problem) }
+    local why = M.is_dir(path) and "is a directory; give the definitions file in it (a .lua file that declares jobs)"
+      or ("cannot read the file: " .. tostring(err))
+    return nil, { setmetatable({ file = path, message = why }, Problem) }
   end
   return M.load_string(source, path)
 end

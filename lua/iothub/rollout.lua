@@ -163,22 +163,38 @@ end
 ---------------------------------------------------------------------------
 -- Reading the fleet
 
+-- The SELECT around a condition counts towards the hub's query limit (hub-behavior.md §1.4),
+-- so a condition that fills a job's 8192 characters cannot be queried as it is.
+local COUNT_SELECT = "COUNT() AS n"
 local function with_where(select_list, condition)
-  if condition == "*" then return "SELECT " .. select_list .. " FROM devices" end
-  return "SELECT " .. select_list .. " FROM devices WHERE " .. condition
+  local query = condition == "*" and ("SELECT " .. select_list .. " FROM devices") or
+    ("SELECT " .. select_list .. " FROM devices WHERE " .. condition)
+  if #query > core.query_max_length then
+    return nil, errors.new({ kind = "invalid_argument", code = "QueryTooLong", operation = "queryTwins",
+      message = ("SELECT %s FROM devices WHERE <the condition> would be %d characters long; IoT Hub accepts " ..
+        "at most %d"):format(select_list, #query, core.query_max_length) })
+  end
+  return query
 end
+
+--- The longest condition Rollout:count can query (and device lists are counted in parts
+-- whose condition fits it).
+Rollout.MAX_COUNTED_CONDITION_LENGTH = core.query_max_length - #with_where(COUNT_SELECT, "")
 
 local function unsupported(err)
   return err and err.status == 400
 end
 
 --- The ids of the devices matching condition now (a projection if the hub supports it,
--- else every twin, one page at a time).
+-- else every twin, one page at a time). A condition too long to query is refused before
+-- anything is sent (err.code "QueryTooLong").
 function Rollout:device_ids(condition)
   if not self.registry then error("Rollout: a registry is needed to resolve query targets", 2) end
   local function collect(select_list)
+    local query, qerr = with_where(select_list, condition)
+    if not query then return nil, qerr end
     local ids = {}
-    for row, err in self.registry:queryTwins(with_where(select_list, condition), { pageSize = ID_PAGE_SIZE }) do
+    for row, err in self.registry:queryTwins(query, { pageSize = ID_PAGE_SIZE }) do
       if not row then return nil, err end
       ids[#ids + 1] = row.deviceId or row.DeviceId
     end
@@ -194,10 +210,14 @@ function Rollout:device_ids(condition)
 end
 
 --- How many devices match condition now (COUNT() if the hub supports it, else counted ids).
+-- A condition longer than MAX_COUNTED_CONDITION_LENGTH is refused before anything is sent
+-- (err.code "QueryTooLong"); count_ids counts a device list of any length.
 function Rollout:count(condition)
   if not self.registry then error("Rollout: a registry is needed to count targets", 2) end
   if self.features.count ~= false then
-    local rows, err = self.registry:queryTwins(with_where("COUNT() AS n", condition)):all()
+    local query, qerr = with_where(COUNT_SELECT, condition)
+    if not query then return nil, qerr end
+    local rows, err = self.registry:queryTwins(query):all()
     if rows then
       local n = rows[1] and tonumber(rows[1].n)
       if n then self.features.count = true return math.floor(n) end
@@ -209,6 +229,17 @@ function Rollout:count(condition)
   local ids, err = self:device_ids(condition)
   if not ids then return nil, err end
   return #ids
+end
+
+--- How many of these device ids exist now, counted in parts whose query fits the hub's limit.
+function Rollout:count_ids(ids)
+  local total = 0
+  for _, part in ipairs(Rollout.chunk(ids, Rollout.MAX_COUNTED_CONDITION_LENGTH)) do
+    local n, err = self:count(Rollout.condition_for(part))
+    if not n then return nil, err end
+    total = total + n
+  end
+  return total
 end
 
 --- The stages and chunks of one job definition, with their job ids and conditions.
@@ -258,7 +289,8 @@ end
 -- counts now, each request exactly as it would be sent, and any job already created (which
 -- a run adopts). Returns { jobs = { { job=, targets=, uncovered=, stages = { { ...,
 -- requests = { { jobId=, method=, path=, body=, condition=, devices=, existing= } } } } } } }
--- or nil, err. Sends only reads (twin queries and job GETs).
+-- or nil, err. devices (per request and the job's total) is nil, and request.uncounted says
+-- why, when a query condition is too long to count. Sends only reads (twin queries and job GETs).
 function Rollout:plan(defs, only)
   local dry_t = dry_transport()
   local dry = assert(JobClient.fromConnectionString(DRY_CS, { transport = dry_t, retry = false }))
@@ -277,14 +309,22 @@ function Rollout:plan(defs, only)
           local ok, serr = schedule(dry, job, chunk, start)
           if not ok then return nil, serr end
           local req = dry_t.requests[#dry_t.requests]
-          local n, cerr = self:count(chunk.condition)
-          if not n then return nil, cerr end
-          total = total + n
+          -- A listed chunk is counted by its ids; a query target too long to wrap in a
+          -- counting query is shown uncounted rather than sent and refused.
+          local n, cerr
+          if chunk.ids then n, cerr = self:count_ids(chunk.ids) else n, cerr = self:count(chunk.condition) end
+          local uncounted
+          if not n then
+            if cerr.code ~= "QueryTooLong" then return nil, cerr end
+            uncounted, total = cerr.message, nil
+          elseif total then
+            total = total + n
+          end
           local existing, gerr = self.jobs:getJob(chunk.jobId)
           if not existing and gerr.code ~= "JobNotFound" then return nil, gerr end
           stage.requests[#stage.requests + 1] = { jobId = chunk.jobId, method = req.method,
             path = req.url:match("^https?://[^/]+([^?]*)"), body = req.body, condition = chunk.condition,
-            listed = chunk.ids and #chunk.ids or nil, devices = n, existing = existing or nil }
+            listed = chunk.ids and #chunk.ids or nil, devices = n, uncounted = uncounted, existing = existing or nil }
         end
       end
       entry.devices = total
@@ -304,7 +344,7 @@ end
 local TERMINAL_ORDER = { failed = 3, cancelled = 2, completed = 1 }
 
 -- Sums the statistics of the jobs in units; units not yet started count their listed devices
--- as pending.
+-- as pending. Units to create and not created yet are "creating" (or "waiting" for a slot).
 local function aggregate(units)
   local t = { deviceCount = 0, succeededCount = 0, failedCount = 0, runningCount = 0, pendingCount = 0,
     jobs = #units, created = 0, finished = 0 }
@@ -325,7 +365,12 @@ local function aggregate(units)
       t.pendingCount = t.pendingCount + u.listed
       t.estimated = true
     end
-    statuses[#statuses + 1] = job and job.status or (u.waiting and "waiting" or "creating")
+    -- A unit we only watch has no status of its own until the hub answers for it.
+    if job then
+      statuses[#statuses + 1] = job.status
+    elseif u.create then
+      statuses[#statuses + 1] = u.waiting and "waiting" or "creating"
+    end
     if job and type(job.startTime) == "string" then
       local start = core.parse_time(job.startTime)
       if start and (not t.startTime or start < t.startTime) then t.startTime = start end
@@ -377,6 +422,8 @@ function Rollout:_adopt_or_create(unit, sched)
 end
 
 --- Runs (or adopts) and watches units concurrently within the active-job limit.
+-- extra: { name=, stage=, stages= } copied into each view (the job's name and "stage of
+-- stages", for a progress line that must shorten its label), and halt below.
 -- unit = { jobId=, type=, condition=, listed=, create = function() -> job | nil, err }
 -- (no create: watch an existing job). Fills unit.job (last snapshot), unit.how, unit.error.
 -- halt(unit) -> reason: stop creating further units (running ones are still watched).
@@ -390,17 +437,21 @@ function Rollout:_run_units(label, units, extra)
   local function view()
     local t = aggregate(units)
     t.label, t.started = label, state.started
-    t.stage, t.stages = extra.stage, extra.stages
+    t.name, t.stage, t.stages = extra.name, extra.stage, extra.stages
     t.jobIds = {}
     for i, u in ipairs(units) do t.jobIds[i] = u.jobId end
     return t
   end
   local function progress()
     if not self.onProgress then return end
-    local v = view()
-    -- Watching only: nothing to show before the first answer.
-    if v.created == 0 and units[1] and not units[1].create then return end
-    self.onProgress(v)
+    -- Watching only: nothing to show until the hub has answered for every job, so the
+    -- status shown is theirs.
+    if units[1] and not units[1].create then
+      for _, u in ipairs(units) do
+        if not (u.job or u.error) then return end
+      end
+    end
+    self.onProgress(view())
   end
   local function guard(fn, counted)
     return function(...)
@@ -583,7 +634,7 @@ function Rollout:run(defs, only)
               #stage.ids, #units), "stage")
           end
           -- A job that fails or is cancelled stops further creation in its stage.
-          local final = self:_run_units(label, units, { stage = k, stages = stage_count,
+          local final = self:_run_units(label, units, { name = job.name, stage = k, stages = stage_count,
             halt = function(u)
               if u.job and (u.job.status == "failed" or u.job.status == "cancelled") then
                 return "job " .. u.jobId .. " " .. u.job.status

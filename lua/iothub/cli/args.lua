@@ -351,7 +351,9 @@ function M.parse(argv)
   end
   if not command then
     if #rest > 0 then return usage(nil, "give a command before the options, e.g. " .. M.PROGRAM .. " show JOBID") end
-    return { command = "help", options = {}, args = {} }
+    -- No command at all: the overview, as a usage error (a script that forgot its command
+    -- must not see success).
+    return nil, (M.overview():gsub("\n$", ""))
   end
 
   local out = { command = command.name, options = {}, args = {} }

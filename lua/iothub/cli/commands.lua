@@ -8,6 +8,7 @@ local Rollout = require "iothub.rollout"
 local exitcodes = require "iothub.cli.exitcodes"
 local output = require "iothub.cli.output"
 local args = require "iothub.cli.args"
+local connection = require "iothub.cli.connection"
 
 local M = {}
 
@@ -18,6 +19,8 @@ local function fail(ctx, err, hint)
   ctx.progress:close()
   ctx.err:write(args.PROGRAM, ": ", tostring(err), "\n")
   if hint then ctx.err:write(hint, "\n") end
+  local unreachable = connection.unreachable_hint(ctx.conn, err)
+  if unreachable then ctx.err:write(unreachable, "\n") end
   return exitcodes.for_error(err)
 end
 
@@ -44,8 +47,8 @@ local function rollout(ctx, clients, extra)
 end
 
 local function timeout_hint(ids)
-  return "the job keeps running on the hub; `" .. args.PROGRAM .. " watch " .. table.concat(ids, " ") ..
-    "` watches it again"
+  return (#ids > 1 and "the jobs keep running on the hub; `" or "the job keeps running on the hub; `") ..
+    args.PROGRAM .. " watch " .. table.concat(ids, " ") .. (#ids > 1 and "` watches them again" or "` watches it again")
 end
 
 -- Watches ids to the end; prints the outcome; returns the exit code.
@@ -120,24 +123,31 @@ function M.create(ctx)
 end
 
 -- Prints what a paging iterator yields, up to `top` items: a JSON array with --json, else
--- the header and one row(item) line each. Returns the count, or nil and the exit code of
--- the error that stopped it.
+-- the header and one row(item) line each. Nothing reaches stdout before the first page is
+-- in, so a refused request prints only the error; a failure after some rows leaves the JSON
+-- array unclosed, so a parser notices the list is incomplete. Returns the count, or nil and
+-- the exit code of the error that stopped it.
 local function print_rows(ctx, items, header, row, top)
   local json = ctx.options.json
-  local n = 0
+  local item, err = items()
+  if err then return nil, fail(ctx, err) end
   if json then ctx.out:write("[") else ctx.out:write(header, "\n") end
-  for item, err in items do
-    if not item then
-      if json then ctx.out:write("]\n") end
-      return nil, fail(ctx, err)
-    end
+  local n = 0
+  while item and not (top and n >= top) do
     n = n + 1
     if json then
       ctx.out:write(n > 1 and "," or "", assert(iothub.json.encode(item)))
     else
       ctx.out:write(row(item), "\n")
     end
-    if top and n >= top then break end
+    if not (top and n >= top) then
+      item, err = items()
+      if err then
+        if json then ctx.out:write("\n") end
+        ctx.out:flush()
+        return nil, fail(ctx, err)
+      end
+    end
   end
   if json then ctx.out:write("]\n") end
   return n

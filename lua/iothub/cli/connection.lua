@@ -13,7 +13,8 @@
 -- else the launcher's defaults.
 -- @module iothub.cli.connection
 local iothub = require "iothub"
-local read_file = require("iothub.definitions").read_file
+local definitions = require "iothub.definitions"
+local read_file, is_dir = definitions.read_file, definitions.is_dir
 
 local M = {}
 
@@ -23,12 +24,6 @@ M.EMULATOR_DEFAULT = {
     "SharedAccessKey=aW90aHViLWVtdWxhdG9yLWRldmVsb3BtZW50LWtleSE=",
   endpoint = "http://127.0.0.1:8080",
 }
-
-local function is_dir(path)
-  local f = io.open(path .. "/.", "rb")
-  if f then f:close() return true end
-  return false
-end
 
 --- Parses the launcher's announcement lines. Returns { connectionString, endpoint, caFile } or nil.
 function M.parse_announcement(text)
@@ -82,6 +77,8 @@ function M.emulator(where, getenv)
       local out = {}
       for k, v in pairs(M.EMULATOR_DEFAULT) do out[k] = v end
       out.source = "the emulator's defaults"
+      out.emulator = { hint = "bare --emulator means the launcher's default port and key; for one started " ..
+        "with --dir DIR, give --emulator=DIR" }
       return out
     end
   end
@@ -93,6 +90,10 @@ function M.emulator(where, getenv)
         "bin/iothub-emulator --dir writes); is the emulator running with --dir " .. where .. "?"
     end
     out.source = "the emulator in " .. where
+    -- The launcher writes DIR/connection while it runs and removes it when it stops.
+    out.emulator = { hint = text and (where .. "/connection says it listens there; if it was killed, start it " ..
+      "again with bin/iothub-emulator --dir " .. where) or (where .. "/connection is missing: start it with " ..
+      "bin/iothub-emulator --dir " .. where) }
     return out
   end
   local text = read_file(where)
@@ -106,6 +107,8 @@ function M.emulator(where, getenv)
       "--dir, or a file holding its start-up output"
   end
   out.source = "the emulator announced in " .. where
+  out.emulator = { hint = "the address comes from " .. where .. ", the start-up output of an emulator that may have " ..
+    "stopped since" }
   return out
 end
 
@@ -153,12 +156,33 @@ function M.interruptible_sleep(seconds)
   end
 end
 
+--- Does the endpoint name this machine (127.0.0.0/8, ::1, localhost)?
+function M.is_loopback(endpoint)
+  if type(endpoint) ~= "string" then return false end
+  local host = endpoint:match("^%a[%w+.-]*://%[([^%]]+)%]") or endpoint:match("^%a[%w+.-]*://([^/:?#]+)")
+  host = host and host:lower()
+  return host == "localhost" or host == "::1" or (host and host:match("^127%.%d+%.%d+%.%d+$")) ~= nil
+end
+
+-- Retries for a hub on this machine (an emulator): a refused connection there means nothing
+-- is listening, and waiting for it helps nobody, so fail within a second instead of after
+-- the default five attempts (~15 s). Hubs elsewhere keep the client's defaults.
+M.LOOPBACK_RETRY = { maxAttempts = 2, baseDelay = 0.2 }
+
+--- What to tell someone whose emulator could not be reached (err is an iothub error), or nil.
+function M.unreachable_hint(conn, err)
+  if not (conn and conn.emulator and type(err) == "table" and err.kind == "network") then return nil end
+  return "is bin/iothub-emulator running at " .. tostring(conn.endpoint) .. "? (" .. conn.emulator.hint .. ")"
+end
+
 --- Builds the clients. Returns { jobs=, registry=, creator= } or nil, err (an iothub error).
 -- creator makes one attempt per request, so a rollout meets 429004 at once (see iothub.rollout).
 function M.clients(conn, extra)
   -- One transport (one connection pool) shared by the three clients.
   local transport = require("iothub.transport.curl").new({ caFile = conn.caFile })
   local opts = { endpoint = conn.endpoint, caFile = conn.caFile, transport = transport }
+  local host = conn.connectionString:match("[Hh][Oo][Ss][Tt][Nn][Aa][Mm][Ee]=([^;]+)")
+  if M.is_loopback(conn.endpoint or (host and "https://" .. host)) then opts.retry = M.LOOPBACK_RETRY end
   for k, v in pairs(extra or {}) do opts[k] = v end
   local jobs, err = iothub.JobClient.fromConnectionString(conn.connectionString, opts)
   if not jobs then return nil, err end

@@ -56,6 +56,7 @@ function M.main(argv, io_opts)
       err:write(args.PROGRAM, " ", parsed.command, ": ", why, "\n")
       return nil, exitcodes.USAGE
     end
+    ctx.conn = conn
     local clients, cerr = connection.clients(conn, { sleep = ctx.sleep })
     if not clients then
       err:write(args.PROGRAM, ": ", tostring(cerr), "\n")

@@ -139,8 +139,10 @@ function M.plan_text(plan)
     if job.description then add("  " .. job.description) end
     if job.devices then
       add(("  targets now: %d device(s) exist of %d listed"):format(entry.devices, #job.devices))
-    else
+    elseif entry.devices then
       add(("  targets now: %d device(s) match"):format(entry.devices))
+    else
+      add("  targets now: not counted (the condition is too long to count with a query)")
     end
     if entry.uncovered and entry.uncovered > 0 then
       add(("  note: the last stage reaches only part of the targets; %d device(s) are left out"):format(entry.uncovered))
@@ -161,7 +163,8 @@ function M.plan_text(plan)
       for _, req in ipairs(stage.requests) do
         local existing = req.existing and (" -- exists already (" .. tostring(req.existing.status) ..
           "); run adopts it") or ""
-        add(("    %s %s  [%d device(s) match now%s]%s"):format(req.method, req.path, req.devices,
+        local matched = req.devices and (req.devices .. " device(s) match now") or ("not counted: " .. req.uncounted)
+        add(("    %s %s  [%s%s]%s"):format(req.method, req.path, matched,
           req.listed and (" of " .. req.listed .. " listed") or "", existing))
         add("    " .. req.body)
       end
@@ -180,7 +183,7 @@ function M.plan_data(plan)
       local requests = {}
       for i, req in ipairs(stage.requests) do
         requests[i] = { jobId = req.jobId, method = req.method, path = req.path, body = json.decode(req.body),
-          devices = req.devices, listed = req.listed,
+          devices = req.devices, uncounted = req.uncounted, listed = req.listed,
           existing = req.existing and { status = req.existing.status } or nil }
       end
       stages[k] = { index = k, name = stage.name, count = stage.count, percent = stage.percent, gate = stage.gate,

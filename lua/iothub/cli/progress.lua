@@ -45,7 +45,7 @@ function Progress.new(opts)
     width = opts.width or (mode == "bar" and terminal_width(tty) or 80),
     now = opts.now or core.monotime, time = opts.time or core.time,
     drawn = nil,        -- the bar text on screen (bar mode)
-    last_line = {},     -- label -> last plain line (lines mode)
+    last_line = {},     -- label -> last plain line, countdown left out (lines mode)
     running_since = {}, -- label -> when devices started moving (for the ETA)
   }, Progress)
 end
@@ -83,16 +83,44 @@ function Progress:_waiting(view)
   return nil
 end
 
+-- The bar with its brackets, `width` columns in all.
 local function bar(width, n, ok, failed)
-  if width < 5 then return "" end
-  if n <= 0 then return "[" .. ("."):rep(width) .. "]" end
-  local ok_w = math.floor(width * ok / n + 0.5)
-  local failed_w = math.min(width - ok_w, failed > 0 and math.max(1, math.floor(width * failed / n + 0.5)) or 0)
-  return "[" .. ("#"):rep(ok_w) .. ("x"):rep(failed_w) .. ("."):rep(width - ok_w - failed_w) .. "]"
+  local cells = width - 2
+  if n <= 0 then return "[" .. ("."):rep(cells) .. "]" end
+  local ok_w = math.floor(cells * ok / n + 0.5)
+  local failed_w = math.min(cells - ok_w, failed > 0 and math.max(1, math.floor(cells * failed / n + 0.5)) or 0)
+  return "[" .. ("#"):rep(ok_w) .. ("x"):rep(failed_w) .. ("."):rep(cells - ok_w - failed_w) .. "]"
 end
 
---- The bar line for a view (without control characters), fitted to the width: the label
--- is shortened before the bar is dropped.
+-- Bar widths, brackets included: at least 4 cells, at most 38; a label is shortened to keep
+-- 10 cells.
+local MIN_BAR, GOOD_BAR, MAX_BAR = 6, 12, 40
+-- A UUID (create's default job id) is known by its first 8 characters, as a git commit by its
+-- first 7; other labels are cut with "...".
+local SHORT_ID = 8
+local UUID = "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$"
+
+-- The label in at most `room` columns, or nil: in full; for a stage, "name k/n" instead of
+-- "name stage k/n"; a UUID's first 8 characters; and when `cut`, the name cut short with
+-- "...". The stage numbers are never cut.
+local function fit_label(view, room, cut)
+  local label = tostring(view.label)
+  if #label <= room then return label end
+  local name, suffix = label, ""
+  if view.name and view.stage and (view.stages or 0) > 1 then
+    name, suffix = tostring(view.name), (" %d/%d"):format(view.stage, view.stages)
+    if #name + #suffix <= room then return name .. suffix end
+  end
+  if name:match(UUID) and SHORT_ID + #suffix <= room then return name:sub(1, SHORT_ID) .. suffix end
+  local keep = room - #suffix - 3
+  if not cut or keep < 3 then return nil end
+  return name:sub(1, keep) .. "..." .. suffix
+end
+
+--- The bar line for a view (without control characters), fitted to the width. The counts,
+-- elapsed time and ETA are never cut. To make room, in turn: the label is shortened and the
+-- bar narrows to 4 cells; the "(k/n jobs)" after the status goes; the bar goes; the label
+-- goes; the status goes.
 function Progress:bar_text(view)
   self:_track(view)
   local n, ok, failed, pending = counts(view)
@@ -103,36 +131,42 @@ function Progress:bar_text(view)
   local tail = ("%d ok  %d failed  %d pending of %s%d  %s  %s"):format(ok, failed, pending,
     view.estimated and "~" or "", n, elapsed, when)
   local status = tostring(view.status)
-  if view.jobs and view.jobs > 1 then status = status .. (" (%d/%d jobs)"):format(view.finished or 0, view.jobs) end
-  local label = view.label
-  local width = self.width - 1
-  local fixed = #status + #tail + 6 -- the separators
-  local bar_w = math.min(40, width - fixed - #label)
-  if bar_w < 12 then
-    local room = width - fixed - 12
-    if room >= 12 and room < #label then
-      label = label:sub(1, room - 3) .. "..."
-      bar_w = 12
+  local statuses = { status }
+  if view.jobs and view.jobs > 1 then
+    table.insert(statuses, 1, status .. (" (%d/%d jobs)"):format(view.finished or 0, view.jobs))
+  end
+  local width = self.width - 1 -- writing the last column makes some terminals wrap
+  for _, st in ipairs(statuses) do
+    local room = width - #st - #tail - 6 -- for the label and the bar, after three separators
+    for _, try in ipairs({ { GOOD_BAR }, { MIN_BAR }, { MIN_BAR, true } }) do
+      local label = fit_label(view, room - try[1], try[2])
+      if label then
+        return label .. "  " .. st .. "  " .. bar(math.min(MAX_BAR, room - #label), n, ok, failed) .. "  " .. tail
+      end
     end
   end
-  if bar_w >= 12 then
-    return label .. "  " .. status .. "  " .. bar(bar_w - 2, n, ok, failed) .. "  " .. tail
-  end
-  local line = label .. "  " .. status .. "  " .. tail
-  if #line > width then line = line:sub(1, width - 3) .. "..." end
-  return line
+  local label = fit_label(view, width - #status - #tail - 4, true)
+  if label then return label .. "  " .. status .. "  " .. tail end
+  if #status + 2 + #tail <= width then return status .. "  " .. tail end
+  return tail
 end
 
---- The plain line for a view (lines mode, and the final summary).
-function Progress:line_text(view)
+-- The plain line for a view, and the same line without the "starts in" countdown (what
+-- counts as a change).
+function Progress:_line(view)
   self:_track(view)
   local n, ok, failed, pending = counts(view)
   local text = ("%s: %s, %d succeeded, %d failed, %d pending of %s%d device(s)"):format(view.label,
     tostring(view.status), ok, failed, pending, view.estimated and "~" or "", n)
   if view.jobs and view.jobs > 1 then text = text .. (" in %d jobs"):format(view.jobs) end
   local waiting = self:_waiting(view)
-  if waiting then text = text .. " (" .. waiting .. ")" end
-  return text
+  if waiting then return text .. " (" .. waiting .. ")", text .. " (waiting to start)" end
+  return text, text
+end
+
+--- The plain line for a view (lines mode, and the final summary).
+function Progress:line_text(view)
+  return (self:_line(view))
 end
 
 --- Shows a view; final = true when this is the view's last update.
@@ -147,9 +181,10 @@ function Progress:update(view, final)
       self.drawn = nil
     end
   else
-    local text = self:line_text(view)
-    if self.last_line[view.label] ~= text then
-      self.last_line[view.label] = text
+    -- A new line only when something changed; a countdown ticking is not a change.
+    local text, key = self:_line(view)
+    if self.last_line[view.label] ~= key then
+      self.last_line[view.label] = key
       self.stream:write(("[%s] %s\n"):format(clock_text(self.now() - (view.started or self.now())), text))
     end
   end
