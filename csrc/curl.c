@@ -151,14 +151,19 @@ static const char *opt_string_at(lua_State *L, int idx, const char *what, const 
   return lua_tolstring(L, idx, len);
 }
 
+/* Stores the non-negative number at idx in *v and returns 1, or returns 0 for nil. */
+static int opt_nonnegative_at(lua_State *L, int idx, const char *what, const char *k, double *v) {
+  int ty = lua_type(L, idx);
+  if (ty == LUA_TNIL || ty == LUA_TNONE) return 0;
+  if (ty != LUA_TNUMBER) bad_value(L, idx, what, k, "number");
+  *v = lua_tonumber(L, idx);
+  if (!(*v >= 0)) luaL_error(L, "bad %s '%s' (non-negative number expected)", what, k);
+  return 1;
+}
+
 static long opt_ms_at(lua_State *L, int idx, const char *what, const char *k, long dflt) {
   double v;
-  int ty = lua_type(L, idx);
-  if (ty == LUA_TNIL || ty == LUA_TNONE) return dflt;
-  if (ty != LUA_TNUMBER) bad_value(L, idx, what, k, "number");
-  v = lua_tonumber(L, idx);
-  if (!(v >= 0)) luaL_error(L, "bad %s '%s' (non-negative number expected)", what, k);
-  return to_ms(v);
+  return opt_nonnegative_at(L, idx, what, k, &v) ? to_ms(v) : dflt;
 }
 
 static int opt_bool_at(lua_State *L, int idx, const char *what, const char *k, int dflt) {
@@ -170,11 +175,7 @@ static int opt_bool_at(lua_State *L, int idx, const char *what, const char *k, i
 
 static size_t opt_size_at(lua_State *L, int idx, const char *what, const char *k, size_t dflt) {
   double v;
-  int ty = lua_type(L, idx);
-  if (ty == LUA_TNIL || ty == LUA_TNONE) return dflt;
-  if (ty != LUA_TNUMBER) bad_value(L, idx, what, k, "number");
-  v = lua_tonumber(L, idx);
-  if (!(v >= 0)) luaL_error(L, "bad %s '%s' (non-negative number expected)", what, k);
+  if (!opt_nonnegative_at(L, idx, what, k, &v)) return dflt;
   return v >= (double)((size_t)-1 / 2) ? (size_t)-1 / 2 : (size_t)v;
 }
 
@@ -692,15 +693,20 @@ static int response_status(xfer *x) {
   return (int)code;
 }
 
-/* Pushes { status =, headers =, body = } for a finished transfer. */
-static void push_response(lua_State *L, xfer *x) {
-  lua_createtable(L, 0, 3);
+/* Sets status, headers and body of a finished transfer in the table on top of the stack. */
+static void set_response_fields(lua_State *L, xfer *x) {
   lua_pushinteger(L, response_status(x));
   lua_setfield(L, -2, "status");
   push_headers(L, x);
   lua_setfield(L, -2, "headers");
   lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
   lua_setfield(L, -2, "body");
+}
+
+/* Pushes { status =, headers =, body = } for a finished transfer. */
+static void push_response(lua_State *L, xfer *x) {
+  lua_createtable(L, 0, 3);
+  set_response_fields(L, x);
 }
 
 /* ---------------------------------------------------------------- easy */
@@ -1013,12 +1019,7 @@ static int multi_completed(lua_State *L) {
     lua_pushinteger(L, x->id);
     lua_setfield(L, -2, "id");
     if (x->result == CURLE_OK) {
-      lua_pushinteger(L, response_status(x));
-      lua_setfield(L, -2, "status");
-      push_headers(L, x);
-      lua_setfield(L, -2, "headers");
-      lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
-      lua_setfield(L, -2, "body");
+      set_response_fields(L, x);
     } else {
       push_error(L, x, x->result, NULL);
       lua_setfield(L, -3, "code");

@@ -1,13 +1,14 @@
 -- Loads a devices file: a Lua chunk run in a sandbox that returns
 --   { seed = 1,
---     devices = { { id=, tags=, desired=, reported=, methods={name=fn}, onDesired=fn, status=,
+--     devices = { { id=, tags=, desired=, reported=, methods={name=fn}, onDesired=fn|"report", status=,
 --                   offline=, onlineAfter=, latency=, failureRate=, failure= } },
 --     fleets  = { { count=, id="door-%03d" | fn(i), start=1, ...the same fields } } }
--- and turns it into registry definitions (registry.add). Handlers are plain functions;
--- methods.lua calls them and applies the knobs. Fields other than id, count, start,
--- methods and onDesired may be function(i, id) returning the value (i is nil for entries
--- of `devices`). Randomness (knobs, offline fractions, the file's math.random) comes from
--- seeded streams, so a run is reproducible: the same seed gives the same outcomes.
+-- and turns it into registry definitions (registry.add). Handlers are plain functions (or a
+-- built-in's name: DESIRED_HANDLERS); methods.lua calls them and applies the knobs. Fields
+-- other than id, count, start, methods and onDesired may be function(i, id) returning the
+-- value (i is nil for entries of `devices`). Randomness (knobs, offline fractions, the
+-- file's math.random) comes from seeded streams, so a run is reproducible: the same seed
+-- gives the same outcomes.
 local util = require "emulator.util"
 local registry = require "emulator.registry"
 
@@ -102,6 +103,17 @@ local SECTIONS = { tags = "tags", desired = "properties.desired", reported = "pr
 local FAILURE_MODES = { error = true, timeout = true, offline = true }
 local KNOBS = { "latency", "failureRate", "failure" }
 
+-- Built-in desired-property handlers, named in place of a function (onDesired = "report").
+local DESIRED_HANDLERS = {
+  -- A well-behaved device: logs the patch and reports the values it applied.
+  report = function(patch, ctx)
+    ctx.log("desired properties changed: " .. ctx.json(patch))
+    local applied = copy(patch)
+    applied["$version"] = nil
+    ctx.report(applied)
+  end,
+}
+
 local function is_seconds(v)
   return type(v) == "number" and v >= 0 and v < math.huge
 end
@@ -163,8 +175,8 @@ local function check_entry(e, where)
       end
     end
   end
-  if e.onDesired ~= nil and type(e.onDesired) ~= "function" then
-    return nil, where .. ".onDesired must be a function(patch, ctx)"
+  if e.onDesired ~= nil and type(e.onDesired) ~= "function" and not DESIRED_HANDLERS[e.onDesired] then
+    return nil, where .. ".onDesired must be a function(patch, ctx) or \"report\" (echo the changes as reported)"
   end
   -- Static values are checked once per entry, not once per device of a fleet.
   local static = {}
@@ -186,7 +198,7 @@ end
 -- The simulation shared by an entry's devices (handlers and knobs; each device draws from
 -- its own streams, made by methods.lua from sim.seed and its id).
 local function entry_sim(e, knobs, seed)
-  return { methods = e.methods or {}, onDesired = e.onDesired, latency = knobs.latency,
+  return { methods = e.methods or {}, onDesired = DESIRED_HANDLERS[e.onDesired] or e.onDesired, latency = knobs.latency,
     failureRate = knobs.failureRate or 0, failure = knobs.failure or "error", seed = seed }
 end
 

@@ -11,14 +11,6 @@ local function lock_door(_payload, ctx)
   return 200, { locked = true }
 end
 
-local function on_desired(patch, ctx)
-  local applied = {}
-  for k, v in pairs(patch) do
-    if k ~= "$version" then applied[k] = v end
-  end
-  ctx.report(applied)
-end
-
 return {
   fleets = {
     {
@@ -27,7 +19,7 @@ return {
       tags = function(i) return { location = { building = "7", floor = (i - 1) % 4 + 1 }, model = "bolt-2" } end,
       reported = { door = { locked = false }, firmware = "1.0.0" },
       methods = { lockDoor = lock_door },
-      onDesired = on_desired,
+      onDesired = "report", -- echo desired changes back as reported properties
     },
   },
 }

@@ -8,9 +8,10 @@ local registry = require "emulator.registry"
 local methods = require "emulator.methods"
 local devices_file = require "emulator.devices_file"
 local auth = require "emulator.auth"
+local util = require "emulator.util"
 
 local null = core.null
-require("emulator.util").set_log_path("/dev/null") -- device output ([id] ...) is not under test here
+util.set_log_path("/dev/null") -- device output ([id] ...) is not under test here, but for onDesired = "report"
 
 -- A clock that only moves when the emulator sleeps.
 local function fake_clock(t0)
@@ -93,6 +94,8 @@ describe("emulator devices file", function()
     assert.truthy(load_error("return { devices = { { id = 'a', reported = { x = ('y'):rep(4097) } } } }")
       :find("4096", 1, true))
     assert.truthy(load_error("return { sede = 1 }"):find("unknown top-level field 'sede'", 1, true))
+    assert.truthy(load_error("return { devices = { { id = 'a', onDesired = 'echo' } } }")
+      :find('devices[1].onDesired must be a function(patch, ctx) or "report"', 1, true))
     assert.truthy(load_error("return { fleets = { { count = 1, id = 'f%d', tags = function() error('no tags') end } } }")
       :find("no tags", 1, true))
   end)
@@ -378,6 +381,29 @@ describe("emulator simulated devices", function()
     local reported = registry.twin_doc(dev).properties.reported
     assert.equal(3, reported.seen)
     assert.equal("boost", reported.mode)
+  end)
+
+  it("has a built-in onDesired = \"report\" that logs each patch and reports its values back", function()
+    load([[return { fleets = { { count = 2, id = "r%d", reported = { mode = "off", fw = "1.0" },
+      onDesired = "report" } } }]])
+    local lines = {}
+    local log = stub(util, "log", function(source, msg) lines[#lines + 1] = source .. " " .. msg end)
+    local ok, err = pcall(function()
+      assert(registry.update_twin("r1", { properties = { desired = { mode = "eco", limits = { max = 3 } } } }))
+      assert(registry.update_twin("r1", { properties = { desired = { limits = null } } }))
+    end)
+    log:revert()
+    assert(ok, err)
+    assert.same({
+      'r1 desired properties changed: {"$version":2,"limits":{"max":3},"mode":"eco"}',
+      'r1 desired properties changed: {"$version":3,"limits":null}',
+    }, lines)
+    local reported = registry.twin_doc(registry.get("r1")).properties.reported
+    assert.equal("eco", reported.mode) -- applied; "$version" is not echoed (a reported name cannot start with $)
+    assert.is_nil(reported.limits) -- null deletes, as on the device's side of a real hub
+    assert.equal("1.0", reported.fw)
+    assert.equal(3, reported["$version"]) -- two reports
+    assert.equal("off", registry.twin_doc(registry.get("r2")).properties.reported.mode)
   end)
 end)
 

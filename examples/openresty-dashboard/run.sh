@@ -15,6 +15,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source=examples/lib/emulator.sh
+. "$HERE/../lib/emulator.sh"
 PORT=8090
 DEVICES=$ROOT/examples/devices.lua
 SCHEME=https
@@ -61,45 +63,18 @@ finish() {
   if [ "$CLEANUP_DIR" = 1 ]; then rm -rf "$DIR"; fi
 }
 trap finish EXIT
-trap stop INT TERM
+trap 'exit 130' INT TERM # while starting up; once running, `stop` ends the loop below
 
-free_port() {
-  local p
-  for _ in $(seq 1 100); do
-    p=$(( (RANDOM % 30000) + 20000 ))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
-  done
-  return 1
-}
-
-# The emulator, on free loopback ports (tried again if another process takes one first).
 EMU_LOG=$DIR/logs/emulator.out
-for _ in 1 2 3; do
-  EH=$(free_port) ES=$(free_port)
-  [ "$SCHEME" = https ] || ES=0
-  "$ROOT/bin/iothub-emulator" --devices "$DEVICES" --http-port "$EH" --https-port "$ES" \
-    --dir "$DIR/emulator" >"$EMU_LOG" 2>&1 &
-  EMU_PID=$!
-  for _ in $(seq 1 150); do
-    grep -q '^ready' "$EMU_LOG" && break
-    kill -0 "$EMU_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  grep -q '^ready' "$EMU_LOG" && break
-  kill -TERM "$EMU_PID" 2>/dev/null || true
-  wait "$EMU_PID" 2>/dev/null || true
-  EMU_PID=""
-  [ "$STOPPING" = 0 ] || exit 130
-done
-[ -n "$EMU_PID" ] || { cat "$EMU_LOG" >&2; die "the emulator did not start"; }
+start_emulator "$EMU_LOG" "$SCHEME" --devices "$DEVICES" --dir "$DIR/emulator" \
+  || { cat "$EMU_LOG" >&2; die "the emulator did not start"; }
 
-IOTHUB_CONNECTION_STRING=$(sed -n 's/^IOTHUB_CONNECTION_STRING=//p' "$EMU_LOG" | head -1)
+IOTHUB_CONNECTION_STRING=$EMU_CONNECTION_STRING
 if [ "$SCHEME" = https ]; then
-  IOTHUB_ENDPOINT=$(sed -n 's/^endpoint \(https:.*\)$/\1/p' "$EMU_LOG" | head -1)
-  CA=$(sed -n 's/^ca //p' "$EMU_LOG" | head -1)
-  TRUST="lua_ssl_trusted_certificate $CA;"
+  IOTHUB_ENDPOINT=$EMU_HTTPS_ENDPOINT
+  TRUST="lua_ssl_trusted_certificate $EMU_CA;"
 else
-  IOTHUB_ENDPOINT=$(sed -n 's/^endpoint \(http:.*\)$/\1/p' "$EMU_LOG" | head -1)
+  IOTHUB_ENDPOINT=$EMU_HTTP_ENDPOINT
   TRUST=""
 fi
 export IOTHUB_CONNECTION_STRING IOTHUB_ENDPOINT
@@ -111,18 +86,13 @@ sed -e "s|@ROOT@|$ROOT|g" -e "s|@HERE@|$HERE|g" -e "s|@DIR@|$DIR|g" -e "s|@PORT@
 
 "$NGINX" -p "$DIR/" -c "$DIR/nginx.conf" -e "$DIR/logs/error.log" &
 NGINX_PID=$!
-ready=0
-for _ in $(seq 1 100); do
-  kill -0 "$NGINX_PID" 2>/dev/null || break
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then ready=1; break; fi
-  sleep 0.1
-done
-if [ "$ready" = 0 ]; then
+if ! wait_until "$NGINX_PID" 100 0.1 port_open "$PORT"; then
   cat "$DIR/logs/error.log" >&2 2>/dev/null || true
   CLEANUP_DIR=0
   die "nginx did not start on 127.0.0.1:$PORT (is the port taken? try --port); logs in $DIR"
 fi
 
+trap stop INT TERM
 echo "emulator $IOTHUB_ENDPOINT (output in $EMU_LOG)"
 echo "dashboard http://127.0.0.1:$PORT/"
 # Simulated device output and hub events from here on.

@@ -6,18 +6,10 @@ local function lock_door(_payload, ctx)
   return 200, { locked = true }
 end
 
-local function on_desired(patch, ctx)
-  local applied = {}
-  for k, v in pairs(patch) do
-    if k ~= "$version" then applied[k] = v end
-  end
-  ctx.report(applied)
-end
-
 return {
   devices = {
     { id = "myDeviceId", tags = { location = { building = "43", floor = 3 } },
-      methods = { lockDoor = lock_door }, onDesired = on_desired },
+      methods = { lockDoor = lock_door }, onDesired = "report" },
     { id = "door-basement", tags = { location = { building = "43", floor = 0 } }, offline = true },
     -- Answers after `payload.seconds` (default 5): a slow hub response for the
     -- responsiveness test.
@@ -33,7 +25,7 @@ return {
   fleets = {
     { count = 3, id = "door-%03d",
       tags = function(i) return { location = { building = "43", floor = i } } end,
-      methods = { lockDoor = lock_door }, onDesired = on_desired },
+      methods = { lockDoor = lock_door }, onDesired = "report" },
     -- Twin jobs over these 40 devices run for about 40 / job-rate seconds.
     { count = 40, id = "load-%03d", tags = { fleet = "load" } },
   },

@@ -340,18 +340,23 @@ end
 ---------------------------------------------------------------------------
 -- Phase probes and the request entry point.
 
--- init_by_lua (master): building a client works; a request raises, naming ngx.timer.at.
-function M.init()
+-- Builds a client (which works in any phase) and records for cases.phases what calling
+-- jobs[method](job_id) raises in this phase; returns the client.
+local function record_phase_error(phase, method, job_id)
   local jobs = ok(iothub.JobClient.fromConnectionString(env.cs, { endpoint = env.http_endpoint }))
-  local okc, msg = pcall(jobs.getJob, jobs, "from-init")
-  dict:set("phase:init", okc and "no error" or tostring(msg))
+  local okc, msg = pcall(jobs[method], jobs, job_id)
+  dict:set("phase:" .. phase, okc and "no error" or tostring(msg))
+  return jobs
+end
+
+-- init_by_lua (master): a request raises, naming ngx.timer.at.
+function M.init()
+  record_phase_error("init", "getJob", "from-init")
 end
 
 -- init_worker_by_lua: monitorJob raises; the timer the message suggests reaches the hub.
 function M.init_worker()
-  local jobs = ok(iothub.JobClient.fromConnectionString(env.cs, { endpoint = env.http_endpoint }))
-  local okc, msg = pcall(jobs.monitorJob, jobs, "from-init-worker")
-  dict:set("phase:init_worker", okc and "no error" or tostring(msg))
+  local jobs = record_phase_error("init_worker", "monitorJob", "from-init-worker")
   ngx.timer.at(0, function(premature)
     if premature then return end
     local _, err = jobs:getJob("or-from-timer-" .. suffix())
@@ -361,9 +366,7 @@ end
 
 -- log_by_lua on /probe/log.
 function M.log_phase()
-  local jobs = ok(iothub.JobClient.fromConnectionString(env.cs, { endpoint = env.http_endpoint }))
-  local okc, msg = pcall(jobs.getJob, jobs, "from-log")
-  dict:set("phase:log", okc and "no error" or tostring(msg))
+  record_phase_error("log", "getJob", "from-log")
 end
 
 function M.run()

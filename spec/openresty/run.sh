@@ -17,6 +17,8 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)
 HERE=$ROOT/spec/openresty
 cd "$ROOT"
+# shellcheck source=examples/lib/emulator.sh
+. examples/lib/emulator.sh # start_emulator, free_port, wait_until, stop_pid, start_with_retries
 ARTIFACTS=${ARTIFACTS:-$ROOT/build/artifacts}
 HEALTH_LIMIT_MS=50
 HEALTH_SAMPLES=20
@@ -39,11 +41,6 @@ summary() { echo "openresty: $passed passed, $failed failed"; }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/iothub-openresty.XXXXXX")
 EMU_PID="" NGINX_PID="" DASH_PID=""
-stop_pid() { # pid: TERM, then wait (our own children only)
-  [ -n "$1" ] || return 0
-  kill -TERM "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-}
 cleanup() {
   stop_pid "$DASH_PID"; stop_pid "$NGINX_PID"; stop_pid "$EMU_PID"
   if [ "$failed" = 0 ]; then rm -rf "$WORK"; else echo "openresty: logs kept in $WORK"; fi
@@ -57,33 +54,12 @@ command -v nginx >/dev/null || die "setup: nginx is not installed (apt-get insta
 [ -r /usr/lib/nginx/modules/ngx_http_lua_module.so ] || die "setup: libnginx-mod-http-lua is not installed"
 make -s luajit >"$WORK/make.log" 2>&1 || { cat "$WORK/make.log"; die "setup: make luajit failed"; }
 
-free_port() {
-  local p
-  for _ in $(seq 1 100); do
-    p=$(( (RANDOM % 30000) + 20000 ))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
-  done
-  return 1
-}
 get() { curl -s --noproxy '*' --max-time "${2:-120}" "$1"; }
 
 # --- 1. the emulator --------------------------------------------------------------------
-for _ in 1 2 3; do
-  EH=$(free_port) ES=$(free_port)
-  bin/iothub-emulator --devices "$HERE/devices.lua" --http-port "$EH" --https-port "$ES" \
-    --dir "$WORK/emulator" --job-rate 10 >"$WORK/emulator.out" 2>&1 &
-  EMU_PID=$!
-  for _ in $(seq 1 150); do
-    grep -q '^ready' "$WORK/emulator.out" && break
-    kill -0 "$EMU_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  grep -q '^ready' "$WORK/emulator.out" && break
-  stop_pid "$EMU_PID"; EMU_PID=""
-done
-[ -n "$EMU_PID" ] || { cat "$WORK/emulator.out"; die "setup: the emulator did not start"; }
-CS=$(sed -n 's/^IOTHUB_CONNECTION_STRING=//p' "$WORK/emulator.out" | head -1)
-CA=$(sed -n 's/^ca //p' "$WORK/emulator.out" | head -1)
+start_emulator "$WORK/emulator.out" https --devices "$HERE/devices.lua" --dir "$WORK/emulator" --job-rate 10 \
+  || { cat "$WORK/emulator.out"; die "setup: the emulator did not start"; }
+EH=$EMU_HTTP_PORT ES=$EMU_HTTPS_PORT CS=$EMU_CONNECTION_STRING CA=$EMU_CA
 
 # --- 2. the test nginx ------------------------------------------------------------------
 N=$WORK/nginx
@@ -95,7 +71,8 @@ USER_LINE=""
 if [ "$(id -u)" = 0 ]; then USER_LINE="user root;"; fi # workers must read this tree and $WORK
 IPV6=false # the emulator listens on [::1] too when the loopback has IPv6
 if grep -q 00000000000000000000000000000001 /proc/net/if_inet6 2>/dev/null; then IPV6=true; fi
-for _ in 1 2 3; do
+health_ok() { [ "$(get "http://127.0.0.1:$TP/health" 2)" = ok ]; }
+start_test_nginx() { # on free ports, with openresty_env.lua naming them
   TP=$(free_port) TS=$(free_port) CP=$(free_port)
   cat >"$N/lua/openresty_env.lua" <<EOF
 -- Written by spec/openresty/run.sh for openresty_cases.lua.
@@ -115,15 +92,10 @@ EOF
     -e "s|@CA@|$CA|g" -e "s|@USER@|$USER_LINE|g" "$HERE/nginx.conf.in" >"$N/nginx.conf"
   nginx -p "$N/" -c "$N/nginx.conf" -e "$N/error.log" &
   NGINX_PID=$!
-  for _ in $(seq 1 100); do
-    [ "$(get "http://127.0.0.1:$TP/health" 2)" = ok ] && break
-    kill -0 "$NGINX_PID" 2>/dev/null || break
-    sleep 0.05
-  done
-  [ "$(get "http://127.0.0.1:$TP/health" 2)" = ok ] && break
-  stop_pid "$NGINX_PID"; NGINX_PID=""
-done
-[ -n "$NGINX_PID" ] || { cat "$N/error.log" 2>/dev/null; die "setup: the test nginx did not start"; }
+  wait_until "$NGINX_PID" 100 0.05 health_ok
+}
+start_with_retries NGINX_PID start_test_nginx \
+  || { cat "$N/error.log" 2>/dev/null; die "setup: the test nginx did not start"; }
 T=http://127.0.0.1:$TP
 
 run_case() { # case [scheme]
@@ -203,19 +175,14 @@ else
   fi
   [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || die "setup: chromium is not installed (apt-get install chromium)"
   DASH_DIR=$WORK/dashboard
-  for _ in 1 2 3; do
-    DP=$(free_port)
-    examples/openresty-dashboard/run.sh --port "$DP" --dir "$DASH_DIR" >"$WORK/dashboard.out" 2>&1 &
+  start_dashboard() { # the example's one documented command, on a free port
+    local port
+    port=$(free_port)
+    examples/openresty-dashboard/run.sh --port "$port" --dir "$DASH_DIR" >"$WORK/dashboard.out" 2>&1 &
     DASH_PID=$!
-    for _ in $(seq 1 200); do
-      grep -q '^dashboard http' "$WORK/dashboard.out" && break
-      kill -0 "$DASH_PID" 2>/dev/null || break
-      sleep 0.1
-    done
-    grep -q '^dashboard http' "$WORK/dashboard.out" && break
-    stop_pid "$DASH_PID"; DASH_PID=""
-  done
-  if [ -z "$DASH_PID" ]; then
+    wait_until "$DASH_PID" 200 0.1 grep -qs '^dashboard http' "$WORK/dashboard.out"
+  }
+  if ! start_with_retries DASH_PID start_dashboard; then
     fail "dashboard: run.sh did not start ($(tail -3 "$WORK/dashboard.out" | tr '\n' ' '))"
   else
     pass "dashboard: one command started the emulator and nginx ($(grep '^dashboard http' "$WORK/dashboard.out"))"
