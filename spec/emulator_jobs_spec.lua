@@ -275,10 +275,11 @@ describe("emulator job engine", function()
 
   it("lists jobs in creation order with case-insensitive type/status filters and paging", function()
     set_config({ jobRate = 0 })
-    put("l-twin")
-    put("l-method", { type = "scheduleDeviceMethod", cloudToDeviceMethod = { methodName = "lockDoor" },
-      queryCondition = "deviceId = 'myDeviceId'" })
-    put("l-later", { startTime = E.iso(os.time() + 86400) })
+    -- a refused PUT would otherwise surface later as a confusing 404 while waiting
+    assert.equal(200, (put("l-twin")))
+    assert.equal(200, (put("l-method", { type = "scheduleDeviceMethod", cloudToDeviceMethod = { methodName = "lockDoor" },
+      queryCondition = "deviceId = 'myDeviceId'" })))
+    assert.equal(200, (put("l-later", { startTime = E.iso(os.time() + 86400) })))
     emu:wait_job("l-twin", "completed")
     emu:wait_job("l-method", "completed")
     emu:wait_job("l-later", "scheduled")
