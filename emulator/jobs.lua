@@ -627,21 +627,45 @@ local function export_row(row)
     row.lastUpdatedDateTimeUtc, dmr, e and e.code or null, e and e.description or null })
 end
 
-function M.export_state()
-  local list = {}
-  for _, id in ipairs(order) do
-    local job = jobs[id]
-    local rows = {}
-    for i, row in ipairs(job.rows) do rows[i] = export_row(row) end
-    list[#list + 1] = {
-      jobId = job.id, type = job.type, status = job.status, queryCondition = job.queryCondition,
-      start = job.start, ttl = job.ttl, created = job.created, started = job.started, finished = job.finished,
-      cloudToDeviceMethod = job.method, updateTwin = job.updateTwin,
-      failureReason = job.failureReason, statusMessage = job.statusMessage,
-      resolved = job.resolved or false, rows = util.array(rows),
-    }
+-- A job without its rows, as a plain table.
+local function job_state(job)
+  return {
+    jobId = job.id, type = job.type, status = job.status, queryCondition = job.queryCondition,
+    start = job.start, ttl = job.ttl, created = job.created, started = job.started, finished = job.finished,
+    cloudToDeviceMethod = job.method, updateTwin = job.updateTwin,
+    failureReason = job.failureReason, statusMessage = job.statusMessage,
+    resolved = job.resolved or false,
+  }
+end
+
+-- Every job with its rows: without `out`, as one plain table; with a store writer
+-- (emulator/store.lua), row by row. The writer may pause between rows: a job's fields and
+-- its row list are taken together, and rows that moved on meanwhile are saved as they are
+-- then (import counts the rows again, and a running job resumes from them).
+function M.export_state(out)
+  local head = { format = STATE_FORMAT, clockOffset = util.clock_offset() }
+  if not out then
+    local list = {}
+    for i, id in ipairs(order) do
+      local job = jobs[id]
+      local t, rows = job_state(job), {}
+      for n, row in ipairs(job.rows) do rows[n] = export_row(row) end
+      t.rows = util.array(rows)
+      list[i] = t
+    end
+    head.jobs = util.array(list)
+    return head
   end
-  return { format = STATE_FORMAT, clockOffset = util.clock_offset(), jobs = util.array(list) }
+  local all, ids = jobs, order -- a reset meanwhile swaps in new tables; this save ends as begun
+  out.open(head, "jobs")
+  for _, id in ipairs(ids) do
+    local job = all[id]
+    local rows = job.rows -- resolving the targets swaps in the new row list
+    out.open(job_state(job), "rows")
+    for _, row in ipairs(rows) do out.item(export_row(row)) end
+    out.close()
+  end
+  out.close()
 end
 
 local function import_job(t, where)

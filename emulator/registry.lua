@@ -7,11 +7,12 @@
 --                            copy). Read-only for callers; cheap enough to evaluate queries
 --                            over 100,000 devices.
 --   M.set_connected(dev, on) takes a device (record or id) online/offline at run time.
---   M.export_state() / M.import_state(t)
+--   M.export_state([out]) / M.import_state(t)
 --                            every identity and twin as plain JSON-ready tables (no
---                            simulation); import keeps the simulation of devices already
---                            loaded, and a devices file loaded later only attaches its
---                            simulation to persisted devices (M.add).
+--                            simulation), or device by device through a store writer
+--                            (emulator/store.lua); import keeps the simulation of devices
+--                            already loaded, and a devices file loaded later only attaches
+--                            its simulation to persisted devices (M.add).
 -- Twin sections are copy-on-write: an update builds new tables and never changes stored
 -- ones, so documents and exports share them instead of copying (100,000 devices' twins
 -- cost one copy, not three). Never modify a table you get from this module.
@@ -798,42 +799,55 @@ end
 
 local STATE_FORMAT = "iothub-emulator-registry/1"
 
--- Every identity and twin as plain tables (JSON-ready through the core codec). The twin
--- sections are shared with the registry: encode them, do not modify them.
-function M.export_state()
-  local out = {}
-  for _, dev in ipairs(M.list()) do
-    local tw = dev.twin
-    out[#out + 1] = {
-      deviceId = dev.id,
-      generationId = dev.generationId,
-      etag = dev.etag,
-      status = dev.status,
-      statusReason = or_null(dev.statusReason),
-      statusUpdatedTime = dev.statusUpdatedTime,
-      connectionStateUpdatedTime = dev.connectionStateUpdatedTime,
-      lastActivityTime = dev.lastActivityTime,
-      authentication = {
-        type = dev.auth_type,
-        primaryKey = or_null(dev.keys.primary), secondaryKey = or_null(dev.keys.secondary),
-        primaryThumbprint = or_null(dev.thumbprints.primary),
-        secondaryThumbprint = or_null(dev.thumbprints.secondary),
-      },
-      iotEdge = dev.iotEdge,
-      twin = {
-        tags = tw.tags,
-        desired = tw.desired,
-        reported = tw.reported,
-        desiredMetadata = tw.desired_meta,
-        reportedMetadata = tw.reported_meta,
-        desiredVersion = tw.desired_version,
-        reportedVersion = tw.reported_version,
-        version = tw.version,
-        etagNumber = tw.etag_n,
-      },
-    }
+-- One device's identity and twin as a plain table. The twin sections are the registry's
+-- own (copy-on-write, never modified in place): encode them, do not modify them.
+local function device_state(dev)
+  local tw = dev.twin
+  return {
+    deviceId = dev.id,
+    generationId = dev.generationId,
+    etag = dev.etag,
+    status = dev.status,
+    statusReason = or_null(dev.statusReason),
+    statusUpdatedTime = dev.statusUpdatedTime,
+    connectionStateUpdatedTime = dev.connectionStateUpdatedTime,
+    lastActivityTime = dev.lastActivityTime,
+    authentication = {
+      type = dev.auth_type,
+      primaryKey = or_null(dev.keys.primary), secondaryKey = or_null(dev.keys.secondary),
+      primaryThumbprint = or_null(dev.thumbprints.primary),
+      secondaryThumbprint = or_null(dev.thumbprints.secondary),
+    },
+    iotEdge = dev.iotEdge,
+    twin = {
+      tags = tw.tags,
+      desired = tw.desired,
+      reported = tw.reported,
+      desiredMetadata = tw.desired_meta,
+      reportedMetadata = tw.reported_meta,
+      desiredVersion = tw.desired_version,
+      reportedVersion = tw.reported_version,
+      version = tw.version,
+      etagNumber = tw.etag_n,
+    },
+  }
+end
+
+-- Every identity and twin: without `out`, as one plain table (JSON-ready through the core
+-- codec); with a store writer (emulator/store.lua), device by device, each encoded in one
+-- step. The writer may pause between devices: those created meanwhile are left to the next
+-- save (their creation marks the state changed), those deleted meanwhile are skipped.
+function M.export_state(out)
+  if not out then
+    local list = {}
+    for i, dev in ipairs(M.list()) do list[i] = device_state(dev) end
+    return { format = STATE_FORMAT, devices = util.array(list) }
   end
-  return { format = STATE_FORMAT, devices = util.array(out) }
+  out.open({ format = STATE_FORMAT }, "devices")
+  for _, dev in ipairs(M.list()) do -- this list stays as it is: creation and deletion make a new one
+    if devices[dev.id] == dev then out.item(device_state(dev)) end
+  end
+  out.close()
 end
 
 local function opt_string(v)

@@ -1,7 +1,10 @@
 -- Persistence with a kept --dir: registry, twins, jobs and the clock survive a stop/start;
 -- a job running at shutdown resumes; state files are replaced atomically; a broken state
--- file stops the start with a message naming it; --in-memory keeps nothing.
+-- file stops the start with a message naming it; --in-memory keeps nothing. In process,
+-- with a stand-in for nginx's API: a save from a timer is written in slices and renamed at
+-- the end, and the shutdown's synchronous write replaces a save that is still paused.
 --   busted --lua=lua5.4 spec/emulator_persist_spec.lua
+--   busted --lua=luajit -r luajit spec/emulator_persist_spec.lua
 local core = require "iothub.core"
 local shell = require "support.shell"
 local E = require "support.emulator_process"
@@ -163,5 +166,93 @@ describe("emulator persistence", function()
     assert.equal(404, (emu:api("GET", "/jobs/v2/kept")))
     local _, body = emu:control("POST", "/_emulator/state/save")
     assert.equal(core.null, body.stateDir)
+  end)
+end)
+
+describe("emulator state store (in process)", function()
+  local registry = require "emulator.registry"
+  local store, dir, phase, pauses
+
+  -- The parts of nginx's API the store uses; a pause yields to the test's coroutine.
+  local function fake_ngx()
+    return {
+      get_phase = function() return phase end,
+      sleep = function() pauses = pauses + 1; coroutine.yield("paused") end,
+      log = function() end, NOTICE = 6, ERR = 4,
+      worker = { exiting = function() return false end },
+    }
+  end
+
+  local function devices_in(path)
+    local t = assert(core.json_decode(assert(shell.read_file(path))))
+    local ids = {}
+    for _, d in ipairs(t.devices) do ids[#ids + 1] = d.deviceId end
+    return ids, t
+  end
+
+  before_each(function()
+    dir = shell.temp_dir("iothub-store-spec")
+    package.loaded["emulator.store"] = nil
+    store = require "emulator.store"
+    store.configure(dir, { slice = 0 }) -- pause after every batch
+    store.register("registry", registry.export_state, registry.import_state)
+    registry.reset()
+    for i = 1, 200 do assert(registry.add({ id = ("dev-%03d"):format(i), tags = { n = i } })) end
+    phase, pauses = "timer", 0
+    _G.ngx = fake_ngx()
+  end)
+
+  after_each(function()
+    _G.ngx = nil
+    registry.reset()
+    package.loaded["emulator.store"] = nil
+    shell.run("rm -rf " .. shell.quote(dir))
+  end)
+
+  it("writes in slices, keeps the old file until the end, and saves each device as it is when written", function()
+    local path = dir .. "/registry.json"
+    shell.write_file(path, '{"format":"iothub-emulator-registry/1","devices":[]}')
+    local save = coroutine.wrap(function() return store.flush(true) end)
+    assert.equal("paused", save()) -- the header is written; no device yet
+    assert.same({}, (devices_in(path)))
+    -- changes between slices: a deleted device is left out, a changed twin saved as it is now
+    assert(registry.delete_device("dev-200"))
+    assert(registry.update_twin("dev-150", { tags = { n = "changed" } }))
+    assert.equal("paused", save())
+    registry.add({ id = "dev-late" }) -- after the listing: left to the next save
+    local result
+    repeat result = save() until result ~= "paused"
+    assert.same({ "registry" }, result)
+    assert.is_true(pauses > 3, pauses .. " pauses") -- 199 devices in batches of 64
+    local ids, t = devices_in(path)
+    assert.equal(199, #ids)
+    assert.equal("dev-001", ids[1])
+    assert.equal("dev-199", ids[199])
+    assert.equal("changed", t.devices[150].twin.tags.n)
+    assert.is_nil(shell.read_file(path .. ".tmp"))
+    -- the streamed file is the table export, and imports
+    registry.delete_device("dev-late")
+    assert.same(core.json_decode(core.json_encode(registry.export_state())), t)
+    assert(registry.import_state(t))
+    assert.equal(199, #registry.list())
+  end)
+
+  it("the shutdown's synchronous write replaces a save paused in a timer", function()
+    local path = dir .. "/registry.json"
+    local save = coroutine.wrap(function() return store.flush(true) end)
+    assert.equal("paused", save())
+    assert.equal("paused", save())
+    assert(registry.delete_device("dev-001"))
+    phase = "exit_worker" -- cannot yield: one synchronous write
+    local n = pauses
+    store.stop()
+    assert.equal(n, pauses)
+    assert.equal(199, #devices_in(path))
+    -- the superseded save ends at its next pause and leaves the new file alone
+    local before = shell.read_file(path)
+    local result = save()
+    assert.same({ "registry" }, result)
+    assert.equal(before, shell.read_file(path))
+    assert.is_nil(shell.read_file(path .. ".tmp"))
   end)
 end)
