@@ -284,16 +284,7 @@ function M.routes(api)
       error(errors.new("ArgumentInvalid", "The body must be {\"connected\": true|false}."), 0)
     end
     local dev = check(registry.lookup(req.params[1]))
-    if registry.set_connected then
-      check(registry.set_connected(dev, body.connected))
-    else
-      if body.connected and not dev.simulated then
-        error(errors.new("InvalidOperation", "Device '" .. dev.id .. "' has no simulation (it was created over REST); "
-          .. "only devices from the devices file can connect."), 0)
-      end
-      dev.offline = not body.connected
-      store.mark("registry")
-    end
+    check(registry.set_connected(dev, body.connected))
     util.log("hub", "device " .. dev.id .. (body.connected and " connected" or " disconnected"))
     send(200, { deviceId = dev.id, connectionState = registry.is_connected(dev) and "Connected" or "Disconnected" })
   end

@@ -29,16 +29,12 @@ local function seed_devices()
   util.log("hub", string.format("%d simulated device(s) from %s", #defs, path))
 end
 
--- State kept across restarts when the launcher gives a state dir: the registry (when the
--- registry module can export itself) and the jobs, plus the clock offset saved with them.
+-- State kept across restarts when the launcher gives a state dir: the registry and the jobs,
+-- plus the clock offset saved with them.
 local function setup_store(dir)
   store.configure(dir)
-  if registry.export_state and registry.import_state then
-    store.register("registry", registry.export_state, registry.import_state)
-    registry.on_change = function() store.mark("registry") end
-  elseif dir and dir ~= "" then
-    util.log("hub", "the registry cannot be saved by this build; only jobs persist")
-  end
+  store.register("registry", registry.export_state, registry.import_state)
+  registry.on_change = function() store.mark("registry") end
   store.register("jobs", jobs.export_state, jobs.import_state)
   jobs.on_change = function() store.mark("jobs") end
   local loaded = store.load()
@@ -251,9 +247,8 @@ function H.query_devices(req)
   elseif plan.collection == "devices.modules" then
     docs = {} -- the emulator has no modules yet, so the module collection is empty
   else
-    local twin_doc = registry.twin_doc or registry.twin_json
     docs = {}
-    for i, dev in ipairs(registry.list()) do docs[i] = twin_doc(dev) end
+    for i, dev in ipairs(registry.list()) do docs[i] = registry.twin_doc(dev) end
   end
   send_page(function(tok, size)
     local items, item_type_or_err, next_tok = query.execute(plan, docs, tok, size)

@@ -369,13 +369,12 @@ end
 local function resolve_targets(job)
   local plan, perr = query.parse_condition(job.queryCondition)
   if not plan then return nil, "SQL query parse failed: " .. perr end
-  local doc_of = registry.twin_doc or registry.twin_json
   local created_z = stamp()
   local start_nz = nozone(stamp(job.started))
   local rows = {}
   local slice_end = core.monotime() + settings.slice
   for i, dev in ipairs(registry.list()) do
-    if query.matches(plan, doc_of(dev)) then rows[#rows + 1] = new_row(job, dev.id, created_z, start_nz) end
+    if query.matches(plan, registry.twin_doc(dev)) then rows[#rows + 1] = new_row(job, dev.id, created_z, start_nz) end
     if i % 256 == 0 and core.monotime() > slice_end then
       pause() -- let requests in on a large fleet
       if job.status ~= "running" then return nil end

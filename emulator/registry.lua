@@ -657,7 +657,6 @@ function M.twin_doc(dev)
   end
   return doc
 end
-M.twin_json = M.twin_doc -- the earlier name
 
 function M.twin_etag(dev)
   return util.etag_of(dev.twin.etag_n)
