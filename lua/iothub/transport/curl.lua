@@ -45,14 +45,6 @@ function CurlTransport.new(opts)
   end
   check_options(opts, "CurlTransport.new", 2)
   local self = setmetatable({
-    caFile = opts.caFile,
-    verify = opts.verify ~= false,
-    proxy = opts.proxy,
-    noProxy = opts.noProxy,
-    timeout = opts.timeout,
-    connectTimeout = opts.connectTimeout,
-    maxBody = opts.maxBody,
-    verbose = opts.verbose,
     -- what each iothub.curl handle is created with (its defaults for every request)
     handleOptions = {
       caFile = opts.caFile, verify = opts.verify ~= false, proxy = opts.proxy, noProxy = opts.noProxy,
