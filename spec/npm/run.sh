@@ -7,6 +7,8 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# port_open, free_port, wait_until, first_capture
+. "$ROOT/examples/lib/emulator.sh"
 
 say() { echo "[npm-proof] $*"; }
 die() { echo "[npm-proof] error: $*" >&2; exit 1; }
@@ -27,16 +29,10 @@ if command -v flock >/dev/null && { exec 9>>"${TMPDIR:-/tmp}/iothub-npm-proof-44
   flock -w 300 9 || die "another npm proof has held port 443 for 5 minutes"
 fi
 
-listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-if listening 443; then
+if port_open 443; then
   die "something already listens on 127.0.0.1:443; stop it first (the package cannot use another port)"
 fi
-http_port=""
-for _ in $(seq 1 50); do
-  p=$((20000 + RANDOM % 40000))
-  if ! listening "$p"; then http_port=$p; break; fi
-done
-[ -n "$http_port" ] || die "no free port found for the emulator's plain-HTTP listener"
+http_port=$(free_port) || die "no free port found for the emulator's plain-HTTP listener"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/npm-proof.XXXXXX")
 EMU_OUT=$WORK/emulator.out
@@ -71,20 +67,14 @@ say "starting bin/iothub-emulator on https://localhost:443 (http port $http_port
   --devices "$ROOT/examples/devices.lua" --dir "$WORK/hub" >"$EMU_OUT" 2>&1 9>&- &
 EMU_PID=$!
 
-ready=0
-for _ in $(seq 1 600); do
-  if grep -qx ready "$EMU_OUT" 2>/dev/null; then ready=1; break; fi
-  kill -0 "$EMU_PID" 2>/dev/null || break
-  sleep 0.1
-done
-if [ "$ready" != 1 ]; then
+if ! wait_until "$EMU_PID" 600 0.1 grep -qsx ready "$EMU_OUT"; then
   sed 's/^/  | /' "$EMU_OUT" >&2
   tail -n 20 "$WORK/hub/logs/error.log" 2>/dev/null | sed 's/^/  | /' >&2
   die "the emulator did not print 'ready' within 60 s"
 fi
 
-cs=$(sed -n 's/^IOTHUB_CONNECTION_STRING=//p' "$EMU_OUT" | head -1)
-ca=$(sed -n 's/^ca //p' "$EMU_OUT" | head -1)
+cs=$(first_capture "$EMU_OUT" '^IOTHUB_CONNECTION_STRING=\(.*\)$')
+ca=$(first_capture "$EMU_OUT" '^ca \(.*\)$')
 [ -n "$cs" ] && [ -r "$ca" ] || die "the emulator printed no connection string or CA file"
 case $cs in *HostName=localhost\;*) ;; *) die "expected HostName=localhost in the connection string" ;; esac
 
