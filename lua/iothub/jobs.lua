@@ -230,16 +230,15 @@ function JobClient:_schedule(operation, request)
   })
 end
 
---- Schedules a job that invokes a direct method on every device matching queryCondition.
--- @param jobId letters, digits and '-' (at most 64)
--- @param queryCondition WHERE clause only, e.g. "deviceId IN ['a','b']" or "*"
--- @param methodParams { methodName=, payload=, responseTimeoutInSeconds=30, connectTimeoutInSeconds= }
--- @param[opt] startTime nil (now), epoch seconds or ISO-8601 string
--- @param[opt] maxExecutionTimeInSeconds default 3600
--- @return the job as the hub answered, or nil, err
--- Checks what every job request shares; returns the start time (UTC "...Z") and the
--- execution limit, or nil, err.
-function JobClient:_check_common(op, jobId, queryCondition, startTime, maxExecutionTimeInSeconds)
+-- What the two kinds of job differ in: the service's type name, the body field that carries
+-- the action, and the check that builds that field.
+local JOB_KINDS = {
+  scheduleDeviceMethod = { type = "scheduleDeviceMethod", field = "cloudToDeviceMethod", build = "methodParams" },
+  scheduleTwinUpdate = { type = "scheduleUpdateTwin", field = "updateTwin", build = "twinPatch" },
+}
+
+-- Checks everything a job request carries, then creates the job; returns it or nil, err.
+function JobClient:_schedule_kind(op, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds)
   local ok, err = check_job_id(jobId, op)
   if not ok then return nil, err end
   ok, err = check_condition(queryCondition, op, jobId)
@@ -250,30 +249,32 @@ function JobClient:_check_common(op, jobId, queryCondition, startTime, maxExecut
   local max_exec
   max_exec, err = max_execution(maxExecutionTimeInSeconds, op, jobId)
   if not max_exec then return nil, err end
-  return start, max_exec
+  local kind = JOB_KINDS[op]
+  local value
+  value, err = JobClient[kind.build](action, op, jobId)
+  if not value then return nil, err end
+  return self:_schedule(op, { jobId = jobId, type = kind.type, [kind.field] = value,
+    queryCondition = queryCondition, startTime = start, maxExecutionTimeInSeconds = max_exec })
 end
 
+--- Schedules a job that invokes a direct method on every device matching queryCondition.
+-- @param jobId letters, digits and '-' (at most 64)
+-- @param queryCondition WHERE clause only, e.g. "deviceId IN ['a','b']" or "*"
+-- @param methodParams { methodName=, payload=, responseTimeoutInSeconds=30, connectTimeoutInSeconds= }
+-- @param[opt] startTime nil (now), epoch seconds or ISO-8601 string
+-- @param[opt] maxExecutionTimeInSeconds default 3600
+-- @return the job as the hub answered, or nil, err
 function JobClient:scheduleDeviceMethod(jobId, queryCondition, methodParams, startTime, maxExecutionTimeInSeconds)
-  local op = "scheduleDeviceMethod"
-  local start, max_exec = self:_check_common(op, jobId, queryCondition, startTime, maxExecutionTimeInSeconds)
-  if not start then return nil, max_exec end
-  local method, err = JobClient.methodParams(methodParams, op, jobId)
-  if not method then return nil, err end
-  return self:_schedule(op, { jobId = jobId, type = "scheduleDeviceMethod",
-    cloudToDeviceMethod = method, queryCondition = queryCondition, startTime = start,
-    maxExecutionTimeInSeconds = max_exec })
+  return self:_schedule_kind("scheduleDeviceMethod", jobId, queryCondition, methodParams, startTime,
+    maxExecutionTimeInSeconds)
 end
 
 --- Schedules a job that applies a twin patch (tags and/or desired properties).
 -- @param patch { tags=, properties = { desired = } } (etag "*" is added)
+-- Other parameters and the result as scheduleDeviceMethod.
 function JobClient:scheduleTwinUpdate(jobId, queryCondition, patch, startTime, maxExecutionTimeInSeconds)
-  local op = "scheduleTwinUpdate"
-  local start, max_exec = self:_check_common(op, jobId, queryCondition, startTime, maxExecutionTimeInSeconds)
-  if not start then return nil, max_exec end
-  local twin, err = JobClient.twinPatch(patch, op, jobId)
-  if not twin then return nil, err end
-  return self:_schedule(op, { jobId = jobId, type = "scheduleUpdateTwin", updateTwin = twin,
-    queryCondition = queryCondition, startTime = start, maxExecutionTimeInSeconds = max_exec })
+  return self:_schedule_kind("scheduleTwinUpdate", jobId, queryCondition, patch, startTime,
+    maxExecutionTimeInSeconds)
 end
 
 -- getJob with per-call pipeline options (the monitor disables retries and supplies sleep).
