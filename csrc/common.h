@@ -18,6 +18,27 @@ static inline int iothub_fail(lua_State *L, const char *code, const char *fmt, .
   return 3;
 }
 
+/* Casting a double that does not fit the target type (or NaN) is undefined behaviour, so every
+ * double -> integer conversion of a data-dependent value goes through one of these two. */
+
+/* v as a whole number in [-2^63, 2^63): stores it and returns 1; otherwise (fraction, out of
+ * range, NaN) returns 0. */
+static inline int iothub_whole_int64(double v, long long *out) {
+  long long i;
+  if (!(v >= -9223372036854775808.0 && v < 9223372036854775808.0)) return 0;
+  i = (long long)v;
+  if ((double)i != v) return 0;
+  *out = i;
+  return 1;
+}
+
+/* v truncated toward zero and clamped to [lo, hi]; NaN gives lo. */
+static inline long long iothub_clamp_int64(double v, long long lo, long long hi) {
+  if (!(v > (double)lo)) return lo;
+  if (v >= (double)hi) return hi;
+  return (long long)v;
+}
+
 /* Each concern registers its functions into the module table at the top of the stack. */
 int sas_open(lua_State *L);      /* sas.c: HMAC-SHA256, SAS tokens, connection strings */
 int codec_open(lua_State *L);    /* codec.c: base64, strict URL encoding, uuid4 */

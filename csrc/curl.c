@@ -640,9 +640,10 @@ static void push_error(lua_State *L, xfer *x, CURLcode rc, const char *url) {
 
 static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
 
-/* Pushes a table of lower-cased header name -> value; repeats are joined with ", ". */
-static void push_headers(lua_State *L, xfer *x) {
-  char *p = x->hdrs.data, *end = p + x->hdrs.len;
+/* Pushes a table of lower-cased header name -> value from the raw header bytes (status lines
+ * skipped; lower-cases the names in place); repeats are joined with ", ". */
+static void push_header_table(lua_State *L, char *data, size_t len) {
+  char *p = data, *end = data ? data + len : NULL; /* no header bytes: data is NULL */
   const char *last = NULL;
   size_t lastlen = 0;
   lua_createtable(L, 0, 8); /* sized for a typical response: no rehashing while filling */
@@ -685,6 +686,21 @@ static void push_headers(lua_State *L, xfer *x) {
     }
     lua_rawset(L, -3);
   }
+}
+
+static void push_headers(lua_State *L, xfer *x) {
+  push_header_table(L, x->hdrs.data, x->hdrs.len);
+}
+
+/* curl.parse_headers(raw) -> table: the response-header parser on its own, for tests and
+ * fuzzing (it sees whatever bytes a server sends). */
+static int l_parse_headers(lua_State *L) {
+  size_t len;
+  const char *raw = luaL_checklstring(L, 1, &len);
+  char *copy = len ? (char *)lua_newuserdatauv(L, len, 0) : NULL; /* parsed in place */
+  if (copy) memcpy(copy, raw, len);
+  push_header_table(L, copy, len);
+  return 1;
 }
 
 static int response_status(xfer *x) {
@@ -894,11 +910,11 @@ static int l_multi(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     if (rawfield(L, 1, "maxHostConnections") != LUA_TNIL) {
       if (lua_type(L, -1) != LUA_TNUMBER) bad_value(L, -1, "option", "maxHostConnections", "number");
-      maxHost = lua_tointeger(L, -1);
+      maxHost = (lua_Integer)iothub_clamp_int64(lua_tonumber(L, -1), -1, 0x7fffffff);
     }
     if (rawfield(L, 1, "maxTotalConnections") != LUA_TNIL) {
       if (lua_type(L, -1) != LUA_TNUMBER) bad_value(L, -1, "option", "maxTotalConnections", "number");
-      maxTotal = lua_tointeger(L, -1);
+      maxTotal = (lua_Integer)iothub_clamp_int64(lua_tonumber(L, -1), -1, 0x7fffffff);
     }
     lua_pop(L, 2);
     luaL_argcheck(L, maxHost >= 0 && maxTotal >= 0, 1, "connection limits must be >= 0");
@@ -1135,7 +1151,8 @@ int luaopen_iothub_curl(lua_State *L) {
     { NULL, NULL }
   };
   static const luaL_Reg funcs[] = {
-    { "version", l_version }, { "easy", l_easy }, { "multi", l_multi }, { NULL, NULL }
+    { "version", l_version }, { "easy", l_easy }, { "multi", l_multi },
+    { "parse_headers", l_parse_headers }, { NULL, NULL }
   };
   if (!initialized) {
     CURLcode rc = curl_global_init(CURL_GLOBAL_DEFAULT);

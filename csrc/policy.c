@@ -56,9 +56,15 @@ static int status_retryable(int status) {
   return status == 429 || status == 500 || status == 503 || status == 504;
 }
 
+/* A number as an HTTP status: anything but a whole 100-999 is 0 (no status). */
+static int http_status(double v) {
+  long long s;
+  return iothub_whole_int64(v, &s) && s >= 100 && s <= 999 ? (int)s : 0;
+}
+
 /* core.retryable(status) -> boolean */
 static int l_retryable(lua_State *L) {
-  lua_pushboolean(L, status_retryable((int)luaL_checkinteger(L, 1)));
+  lua_pushboolean(L, status_retryable(http_status(luaL_checknumber(L, 1))));
   return 1;
 }
 
@@ -72,7 +78,7 @@ static int l_retry_decision(lua_State *L) {
   double attempt, max_attempts, now, deadline, retry_after, base, cap, tbase, jitter, r, delay;
   luaL_checktype(L, 1, LUA_TTABLE);
   network = opt_bool(L, 1, "network");
-  status = (int)opt_number(L, 1, "status", 0);
+  status = http_status(opt_number(L, 1, "status", 0));
   attempt = opt_number(L, 1, "attempt", 1);
   max_attempts = opt_number(L, 1, "maxAttempts", 5);
   now = opt_number(L, 1, "now", 0);

@@ -110,6 +110,7 @@ static const struct { const char *name; int arity; } FUNCS[] = {
   {"IS_OBJECT", 1}, {"IS_ARRAY", 1}, {"IS_PRIMITIVE", 1}, {"STARTSWITH", 2}, {"ENDSWITH", 2},
   {"COUNT", 0}, {"SUM", 1}, {"AVG", 1}, {"MIN", 1}, {"MAX", 1}
 };
+#define SELECT_AGGREGATES "COUNT(), SUM(), AVG(), MIN() and MAX()"
 #define FUNC_LIST "IS_DEFINED, IS_NULL, IS_BOOL, IS_NUMBER, IS_STRING, IS_OBJECT, IS_ARRAY, " \
                   "IS_PRIMITIVE, STARTSWITH and ENDSWITH"
 
@@ -1026,11 +1027,14 @@ static int parse_select_item(parser *p) {
   int k;
   if (t->type == T_NAME && t->kw == K_NONE && p->toks[p->i + 1].type == T_LPAREN) {
     int f = lookup_func(p->src + t->pos, t->len), path = -1;
-    if (f < F_COUNT) {
+    if (f < F_COUNT || f == F_NONE) {
       char shown[SHOW_MAX + 8];
       show(shown, sizeof shown, p->src + t->pos, t->len);
-      return fail_at(p, pos, "'%s(...)' cannot be selected; select property paths or the aggregates COUNT(), "
-                             "SUM(), AVG(), MIN() and MAX()", shown);
+      if (f == F_NONE)
+        return fail_at(p, pos, "unknown function '%s'; the SELECT list takes property paths or the aggregates "
+                               SELECT_AGGREGATES, shown);
+      return fail_at(p, pos, "'%s(...)' cannot be selected; select property paths or the aggregates "
+                             SELECT_AGGREGATES, shown);
     }
     p->i += 2;
     if (f == F_COUNT) {
@@ -1965,15 +1969,18 @@ static int l_aggregate(lua_State *L) {
   return 1;
 }
 
+/* A buffer, not one stack slot per segment: a path's length comes from the query text. */
 static void push_path_text(lua_State *L, const query *q, int node) {
   const qnode *nd = &q->nodes[node];
+  luaL_Buffer b;
   int k;
+  luaL_buffinit(L, &b);
   for (k = 0; k < nd->b; k++) {
     const qseg *s = &q->segs[nd->a + k];
-    if (k) lua_pushliteral(L, ".");
-    lua_pushlstring(L, q->pool + s->off, s->len);
+    if (k) luaL_addchar(&b, '.');
+    luaL_addlstring(&b, q->pool + s->off, s->len);
   }
-  lua_concat(L, nd->b > 0 ? 2 * nd->b - 1 : 0);
+  luaL_pushresult(&b);
 }
 
 /* For a conjunct "path = constant" of the condition, sets equals[lower-case dotted path] =

@@ -167,7 +167,7 @@ static void push_index_path(lua_State *L, int pathidx, int i) {
 static void fmt_number(char *out, size_t outsz, double v) {
   if (v != v) snprintf(out, outsz, "NaN");
   else if (v > 1e308 || v < -1e308) snprintf(out, outsz, v > 0 ? "inf" : "-inf");
-  else if (v == (double)(long long)v && v < 1e15 && v > -1e15) snprintf(out, outsz, "%.0f", v);
+  else if (v < 1e15 && v > -1e15 && v == (double)(long long)v) snprintf(out, outsz, "%.0f", v);
   else snprintf(out, outsz, "%.14g", v);
 }
 
@@ -372,7 +372,8 @@ static int l_check_integer_range(lua_State *L) {
   fmt_number(smax, sizeof smax, max);
   if (lua_type(L, 2) == LUA_TNUMBER) {
     lua_Number v = lua_tonumber(L, 2);
-    int integral = v >= -9.2e18 && v <= 9.2e18 && v == (lua_Number)(long long)v;
+    long long whole;
+    int integral = iothub_whole_int64(v, &whole);
     if (integral && v >= min && v <= max) {
       lua_pushboolean(L, 1);
       return 1;

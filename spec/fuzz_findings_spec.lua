@@ -1,0 +1,63 @@
+-- Regressions for what fuzzing and the sanitizers found in the C core (issue 9), one test per
+-- finding. Each input is the minimized one the fuzzer or a user produced; before the fixes
+-- these read or wrote out of bounds, or converted an out-of-range double (undefined
+-- behaviour), which `make asan` and `make valgrind` turn into failures.
+local core = require "iothub.core"
+local curl = require "iothub.curl"
+
+local function contains(s, sub) return type(s) == "string" and s:find(sub, 1, true) ~= nil end
+
+describe("fuzz findings", function()
+  it("an unknown function in the SELECT list is an error naming it and its column", function()
+    -- was: FUNCS[] read past its end when a syntax error followed the unknown function
+    local q, msg, code = core.query_compile("SELECT p(d d)")
+    assert.is_nil(q)
+    assert.equal("InvalidArgument", code)
+    assert.truthy(contains(msg, "column 8"), msg)
+    assert.truthy(contains(msg, "unknown function 'p'"), msg)
+    -- was: compiled, ignoring the function and selecting tags.x
+    q, msg = core.query_compile("SELECT foo(tags.x) FROM devices")
+    assert.is_nil(q)
+    assert.truthy(contains(msg, "unknown function 'foo'"), msg)
+    assert.truthy(contains(msg, "column 8"), msg)
+    -- the known aggregates still compile
+    assert.truthy(core.query_compile("SELECT MAX(tags.x) FROM devices"))
+  end)
+
+  it("a GROUP BY path of any length is described without overflowing the Lua stack", function()
+    -- was: one stack slot per segment with no check (30 segments crashed Lua 5.4)
+    for _, n in ipairs({ 30, 1000 }) do
+      local path = string.rep("a.", n - 1) .. "a"
+      local q = assert(core.query_compile("SELECT COUNT() FROM devices GROUP BY " .. path))
+      assert.equal(path, q:info().groupBy[1])
+    end
+  end)
+
+  it("an integer range check of a huge or NaN number reports it instead of casting it", function()
+    for _, v in ipairs({ 1e19, -1e19, 1e300, 0 / 0, math.huge }) do
+      local ok, msg, code = core.check_integer_range("maxExecutionTimeInSeconds", v, 1, 10)
+      assert.is_nil(ok)
+      assert.equal("InvalidArgument", code)
+      assert.truthy(contains(msg, "whole number of seconds between 1 and 10"), msg)
+    end
+    assert.is_true(core.check_integer_range("n", 10, 1, 10))
+  end)
+
+  it("retry decisions take any number as a status", function()
+    for _, status in ipairs({ 1e10, -1e10, 0 / 0, math.huge, 429.5 }) do
+      local delay, why = core.retry_decision{ status = status, attempt = 1 }
+      assert.is_nil(delay)
+      assert.equal("not-retryable", why)
+      assert.is_false(core.retryable(status))
+    end
+    assert.truthy(core.retry_decision{ status = 429, attempt = 1 })
+    assert.is_true(core.retryable(503))
+  end)
+
+  it("a response with no header bytes parses to an empty header table", function()
+    -- was: pointer arithmetic on NULL in push_headers
+    assert.same({}, curl.parse_headers(""))
+    local h = curl.parse_headers("HTTP/1.1 200 OK\r\nContent-Type: a\r\nX-A: 1\r\n\tfolded\r\nx-a: 2\r\nnocolon\r\n\r\n")
+    assert.same({ ["content-type"] = "a", ["x-a"] = "1 folded, 2" }, h)
+  end)
+end)
