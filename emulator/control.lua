@@ -252,7 +252,9 @@ function M.send_faulted(f, status, headers, body, authorization)
   if f.body == "garbage" then
     body = garbage_body(authorization or "")
   elseif f.body == "html" then
+    -- A proxy answered, not the hub: none of the hub's headers, but a Retry-After if asked.
     body, content_type = html_body(status, authorization or ""), "text/html"
+    headers = { ["Retry-After"] = headers["Retry-After"] }
   end
   local lines = { "HTTP/1.1 " .. status .. " " .. (REASONS[status] or "Unknown") }
   for k, v in pairs(headers) do
@@ -262,9 +264,9 @@ function M.send_faulted(f, status, headers, body, authorization)
     end
   end
   lines[#lines + 1] = "Content-Type: " .. content_type
-  -- An empty answer (204) has no body to cut: it goes out whole (clients accept even a 204
-  -- whose headers stop short, so there is nothing else to break).
-  local sent_body = body
+  -- An empty answer (204) has no body to cut or replace: it goes out whole (clients accept
+  -- even a 204 whose headers stop short, so there is nothing else to break).
+  local sent_body = status == 204 and "" or body
   if status ~= 204 then
     lines[#lines + 1] = "Content-Length: " .. #body
     if f.body == "truncated" then sent_body = body:sub(1, math.floor(#body / 2)) end

@@ -107,6 +107,7 @@ function send_faulted(status, value, headers)
     if not body then error("cannot encode the response: " .. tostring(err)) end
   end
   ngx.status = status -- for the access log and the request log
+  ngx.req.read_body() -- the raw socket is only had once the request body is out of the way
   local authorization = ngx.req.get_headers()["authorization"]
   if type(authorization) == "table" then authorization = authorization[1] end
   local ok, err = control.send_faulted(fault, status, all, body, authorization)
