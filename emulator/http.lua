@@ -78,9 +78,12 @@ end
 local JSON_TYPE = "application/json; charset=utf-8"
 
 local send_faulted -- below: the answer of a request whose response a fault mangles
+-- Requests in flight whose answer a fault mangles: while there are none, send() does not
+-- touch ngx.ctx (whose first use costs a table per request).
+local mangled_in_flight = 0
 
 local function send(status, value, headers)
-  if ngx.ctx.response_fault then return send_faulted(status, value, headers) end
+  if mangled_in_flight > 0 and ngx.ctx.response_fault then return send_faulted(status, value, headers) end
   ngx.status = status
   ngx.header["Content-Type"] = JSON_TYPE
   ngx.header["x-ms-request-id"] = core.uuid4()
@@ -98,6 +101,7 @@ end
 function send_faulted(status, value, headers)
   local fault = ngx.ctx.response_fault
   ngx.ctx.response_fault = nil -- one answer per request
+  mangled_in_flight = mangled_in_flight - 1
   local all = { ["x-ms-request-id"] = core.uuid4() }
   for k, v in pairs(headers or {}) do all[k] = v end
   local body = ""
@@ -357,12 +361,16 @@ local function match(method, segs)
   return nil, path_known
 end
 
--- Applies an injected fault: waits, then answers with its error or asks handle() to drop
--- the connection. Returns true when the request is finished.
+-- Applies an injected fault: waits, then answers with its error, has send() hand the answer
+-- to the fault (control.send_faulted) or asks handle() to drop the connection. Returns true
+-- when the request is finished.
 local function apply_fault(fault, label, rec)
   rec.fault = label
   if fault.delay then ngx.sleep(fault.delay) end
-  if control.mangles_response(fault) then ngx.ctx.response_fault = fault end
+  if control.mangles_response(fault) then
+    ngx.ctx.response_fault, rec.mangled = fault, true
+    mangled_in_flight = mangled_in_flight + 1
+  end
   if fault.drop == "request" then
     rec.drop = true
     return true
@@ -443,13 +451,14 @@ function M.handle()
     control.record({
       method = rec.method or ngx.req.get_method(), path = rec.path or ngx.var.uri,
       query = ngx.var.args or util.null, route = rec.route or util.null,
-      status = (rec.drop or ngx.ctx.answer_lost) and util.null or ngx.status, requestId = rec.requestId or util.null,
+      status = (rec.drop or rec.mangled and ngx.ctx.answer_lost) and util.null or ngx.status,
+      requestId = rec.requestId or util.null,
       fault = rec.fault or util.null,
       durationMs = math.floor((core.monotime() - started) * 1e6 + 0.5) / 1000,
     })
   end
   -- closes the connection: without an answer, or after a faulted one written on the raw socket
-  if rec.drop or ngx.ctx.closed then return ngx.exit(444) end
+  if rec.drop or rec.mangled and ngx.ctx.closed then return ngx.exit(444) end
 end
 
 return M
