@@ -198,6 +198,90 @@ static int l_parse_time(lua_State *L) {
   return 1;
 }
 
+/* Case-insensitive match of the n letters at p against word. */
+static int word_is(const char *p, const char *end, const char *word, size_t n) {
+  size_t i;
+  if ((size_t)(end - p) < n) return 0;
+  for (i = 0; i < n; i++) {
+    char c = p[i], w = word[i];
+    if (c >= 'A' && c <= 'Z') c = (char)(c - 'A' + 'a');
+    if (w >= 'A' && w <= 'Z') w = (char)(w - 'A' + 'a');
+    if (c != w) return 0;
+  }
+  return 1;
+}
+
+/* A three-letter month name at *p (advanced past it): 1..12, or -1. */
+static int month_abbrev(const char **p, const char *end) {
+  int m;
+  for (m = 0; m < 12; m++) {
+    if (word_is(*p, end, MONTHS[m], 3)) {
+      *p += 3;
+      return m + 1;
+    }
+  }
+  return -1;
+}
+
+static int expect(const char **p, const char *end, char c) {
+  if (*p >= end || **p != c) return 0;
+  (*p)++;
+  return 1;
+}
+
+/* "HH:MM:SS" at *p; 0 or -1. A leap second (60) is read as 59. */
+static int hms(const char **p, const char *end, int *h, int *mi, int *sec) {
+  if ((*h = digits(p, end, 2)) < 0 || !expect(p, end, ':') || (*mi = digits(p, end, 2)) < 0 ||
+      !expect(p, end, ':') || (*sec = digits(p, end, 2)) < 0)
+    return -1;
+  if (*h > 23 || *mi > 59 || *sec > 60) return -1;
+  if (*sec == 60) *sec = 59;
+  return 0;
+}
+
+int clock_parse_http_date(const char *s, size_t n, double *epoch) {
+  const char *p = s, *end = s + n;
+  int Y, M, D, h, mi, sec;
+  struct tm tm;
+  while (p < end && ((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z'))) p++; /* day name */
+  if (p == s || p - s > 9) return -1;
+  if (expect(&p, end, ',')) {
+    if (!expect(&p, end, ' ') || (D = digits(&p, end, 2)) < 0) return -1;
+    if (expect(&p, end, ' ')) { /* IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT */
+      if ((M = month_abbrev(&p, end)) < 0 || !expect(&p, end, ' ') || (Y = digits(&p, end, 4)) < 0) return -1;
+    } else if (expect(&p, end, '-')) { /* RFC 850: Sunday, 06-Nov-94 08:49:37 GMT */
+      if ((M = month_abbrev(&p, end)) < 0 || !expect(&p, end, '-') || (Y = digits(&p, end, 2)) < 0) return -1;
+      Y += Y < 70 ? 2000 : 1900;
+    } else {
+      return -1;
+    }
+    if (!expect(&p, end, ' ') || hms(&p, end, &h, &mi, &sec) != 0 || !expect(&p, end, ' ') ||
+        !word_is(p, end, "GMT", 3))
+      return -1;
+    p += 3;
+  } else { /* asctime: Sun Nov  6 08:49:37 1994 */
+    if (!expect(&p, end, ' ') || (M = month_abbrev(&p, end)) < 0 || !expect(&p, end, ' ')) return -1;
+    if (expect(&p, end, ' ')) {
+      if ((D = digits(&p, end, 1)) < 0) return -1;
+    } else if ((D = digits(&p, end, 2)) < 0) {
+      return -1;
+    }
+    if (!expect(&p, end, ' ') || hms(&p, end, &h, &mi, &sec) != 0 || !expect(&p, end, ' ') ||
+        (Y = digits(&p, end, 4)) < 0)
+      return -1;
+  }
+  if (p != end || D < 1 || D > days_in_month(Y, M)) return -1;
+  memset(&tm, 0, sizeof tm);
+  tm.tm_year = Y - 1900;
+  tm.tm_mon = M - 1;
+  tm.tm_mday = D;
+  tm.tm_hour = h;
+  tm.tm_min = mi;
+  tm.tm_sec = sec;
+  *epoch = (double)timegm(&tm);
+  return 0;
+}
+
 static int l_isatty(lua_State *L) {
   lua_Integer fd = luaL_checkinteger(L, 1);
   lua_pushboolean(L, fd >= 0 && fd <= 0x7fffffff && isatty((int)fd) == 1);

@@ -2,8 +2,10 @@
  * passed in), so the Lua side can drive them with a real or an injected clock and tests can
  * check every branch without sleeping. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include "common.h"
+#include "clock.h"
 
 static double opt_number(lua_State *L, int t, const char *key, double dflt) {
   double v;
@@ -51,9 +53,10 @@ static int l_backoff(lua_State *L) {
 }
 
 /* Statuses and error codes worth another attempt: throttling (429, including
- * ThrottlingMaxActiveJobCountExceeded), server errors and gateway timeouts. */
+ * ThrottlingMaxActiveJobCountExceeded), server errors, a proxy's bad gateway and gateway
+ * timeouts. */
 static int status_retryable(int status) {
-  return status == 429 || status == 500 || status == 503 || status == 504;
+  return status == 429 || status == 500 || status == 502 || status == 503 || status == 504;
 }
 
 /* A number as an HTTP status: anything but a whole 100-999 is 0 (no status). */
@@ -118,6 +121,53 @@ static int l_retry_decision(lua_State *L) {
   return 1;
 }
 
+/* Retry-After as seconds to wait from wall time `now`: delay-seconds (digits; a fraction is
+ * tolerated, as Azure SDKs read the header as a number) or an HTTP-date, which waits until
+ * then (0 if it has passed). Returns -1 for anything else. */
+static double retry_after_seconds(const char *s, size_t n, double now) {
+  const char *end = s + n, *p;
+  double date;
+  while (s < end && (*s == ' ' || *s == '\t')) s++;
+  while (end > s && (end[-1] == ' ' || end[-1] == '\t')) end--;
+  if (s == end || end - s > 64) return -1;
+  for (p = s; p < end && *p >= '0' && *p <= '9'; p++) {}
+  if (p > s && (p == end || *p == '.')) {
+    char buf[72];
+    double v;
+    if (p < end) { /* the fraction: at least one digit, nothing else */
+      const char *q = ++p;
+      while (p < end && *p >= '0' && *p <= '9') p++;
+      if (p == q || p != end) return -1;
+    }
+    memcpy(buf, s, (size_t)(end - s));
+    buf[end - s] = '\0';
+    v = strtod(buf, NULL);
+    return isfinite(v) ? v : -1;
+  }
+  if (clock_parse_http_date(s, (size_t)(end - s), &date) != 0) return -1;
+  return date > now ? date - now : 0;
+}
+
+/* core.retry_after(value, now) -> seconds | nil: a Retry-After header's value (string, or
+ * a number of seconds) as the seconds to wait, `now` being the wall time (epoch seconds) the
+ * answer came in. nil (no value, or one that is neither form) means the header says nothing. */
+static int l_retry_after(lua_State *L) {
+  double now = luaL_checknumber(L, 2), v = -1;
+  if (lua_type(L, 1) == LUA_TNUMBER) {
+    v = lua_tonumber(L, 1);
+    if (!(v >= 0) || !isfinite(v)) v = -1;
+  } else if (lua_type(L, 1) == LUA_TSTRING) {
+    size_t n;
+    const char *s = lua_tolstring(L, 1, &n);
+    v = retry_after_seconds(s, n, now);
+  } else if (!lua_isnoneornil(L, 1)) {
+    return luaL_argerror(L, 1, "Retry-After must be a string, a number or nil");
+  }
+  if (v < 0) lua_pushnil(L);
+  else lua_pushnumber(L, v);
+  return 1;
+}
+
 static int terminal(const char *status) {
   return status && (strcmp(status, "completed") == 0 || strcmp(status, "failed") == 0 ||
                     strcmp(status, "cancelled") == 0);
@@ -129,16 +179,30 @@ static int l_is_terminal(lua_State *L) {
   return 1;
 }
 
+static int push_decision(lua_State *L, const char *action, double delay, const char *reason) {
+  lua_pushstring(L, action);
+  lua_pushnumber(L, delay);
+  lua_pushstring(L, reason);
+  return 3;
+}
+
 /* core.monitor_decision{ status=, now=, started=, timeout=, interval=, maxInterval=,
- *   errors=, startTime= }
- * -> "done" | "timeout" | "sleep", delay
- * `errors` counts consecutive transient failures: the poll interval doubles with each one
- * (up to maxInterval) so a struggling hub is not hammered. A job still waiting for a future
- * startTime is polled no sooner than needed, up to maxInterval. The last sleep is cut short
- * at the deadline so the timeout is honoured to the poll. */
+ *   errors=, retryAfter=, startTime= }
+ * -> action, delay, reason:
+ *   "done", 0, "terminal"            the job reached completed, failed or cancelled
+ *   "timeout", 0, "deadline"         the deadline came while the job was still unfinished
+ *   "unavailable", 0, "deadline"     the deadline came while the hub kept failing (errors > 0)
+ *   "unavailable", 0, "retry-after"  the hub asked to wait (Retry-After) past the deadline
+ *   "sleep", delay, why              poll again after delay s; why is "interval", "backoff",
+ *                                    "retry-after", "start-time" or "deadline" (cut short)
+ * `errors` counts consecutive transient failures, the last poll's included: the poll interval
+ * doubles with each one (up to maxInterval) so a struggling hub is not hammered, and the next
+ * poll waits at least `retryAfter` s (that poll's Retry-After, see core.retry_after). A job
+ * still waiting for a future startTime is polled no sooner than needed, up to maxInterval.
+ * The last sleep is cut short at the deadline so the timeout is honoured to the poll. */
 static int l_monitor_decision(lua_State *L) {
-  const char *status;
-  double now, started, timeout, interval, max_interval, errors, start_time, delay, deadline;
+  const char *status, *why = "interval";
+  double now, started, timeout, interval, max_interval, errors, start_time, retry_after, delay, deadline;
   luaL_checktype(L, 1, LUA_TTABLE);
   status = opt_string(L, 1, "status");
   now = opt_number(L, 1, "now", 0);
@@ -147,34 +211,35 @@ static int l_monitor_decision(lua_State *L) {
   interval = opt_number(L, 1, "interval", 5);
   max_interval = opt_number(L, 1, "maxInterval", 60);
   errors = opt_number(L, 1, "errors", 0);
+  retry_after = opt_number(L, 1, "retryAfter", -1);
   start_time = opt_number(L, 1, "startTime", -1);
 
-  if (terminal(status)) {
-    lua_pushliteral(L, "done");
-    lua_pushnumber(L, 0);
-    return 2;
-  }
+  if (terminal(status)) return push_decision(L, "done", 0, "terminal");
   deadline = started + timeout;
-  if (now >= deadline) {
-    lua_pushliteral(L, "timeout");
-    lua_pushnumber(L, 0);
-    return 2;
-  }
+  if (now >= deadline) return push_decision(L, errors > 0 ? "unavailable" : "timeout", 0, "deadline");
   if (max_interval < interval) max_interval = interval;
   delay = interval;
   if (errors > 0) {
     delay = interval * pow(2.0, errors);
     if (delay > max_interval) delay = max_interval;
+    why = "backoff";
+    if (retry_after > delay) {
+      if (now + retry_after > deadline) return push_decision(L, "unavailable", 0, "retry-after");
+      delay = retry_after;
+      why = "retry-after";
+    }
   } else if (status && start_time > now + interval &&
              (strcmp(status, "scheduled") == 0 || strcmp(status, "queued") == 0 ||
               strcmp(status, "enqueued") == 0)) {
     delay = start_time - now;
     if (delay > max_interval) delay = max_interval;
+    why = "start-time";
   }
-  if (now + delay > deadline) delay = deadline - now;
-  lua_pushliteral(L, "sleep");
-  lua_pushnumber(L, delay);
-  return 2;
+  if (now + delay > deadline) {
+    delay = deadline - now;
+    why = "deadline";
+  }
+  return push_decision(L, "sleep", delay, why);
 }
 
 int policy_open(lua_State *L) {
@@ -182,6 +247,7 @@ int policy_open(lua_State *L) {
     {"backoff", l_backoff},
     {"retryable", l_retryable},
     {"retry_decision", l_retry_decision},
+    {"retry_after", l_retry_after},
     {"is_terminal", l_is_terminal},
     {"monitor_decision", l_monitor_decision},
     {NULL, NULL}

@@ -41,7 +41,9 @@ end
 
 ---------------------------------------------------------------------------
 -- Faults: the next `count` requests matching method + path fail with a status, answer
--- after a delay, or have their connection dropped.
+-- after a delay, have their connection dropped (before the hub acts, or after it acted), or
+-- get their answer mangled on the way out: cut short, not JSON, a proxy's HTML page, or
+-- dripped out slowly.
 
 local faults, fault_seq = {}, 0
 
@@ -53,7 +55,11 @@ local DEFAULT_ERROR = {
 }
 
 local FAULT_FIELDS = { method = 1, path = 1, count = 1, status = 1, errorCode = 1, message = 1,
-  retryAfter = 1, delay = 1, drop = 1 }
+  retryAfter = 1, delay = 1, drop = 1, body = 1, drip = 1 }
+local FIELD_LIST = "method, path, count, status, errorCode, message, retryAfter, delay, drop, body, drip"
+
+-- body = ...: how the answer's body is mangled.
+local BODY_KINDS = { truncated = true, garbage = true, html = true }
 
 local function normalize_path(p)
   -- "/jobs/v2/{jobId}" and "/jobs/v2/:id" both name the route pattern
@@ -69,15 +75,30 @@ local function fault_view(f)
     id = f.id, method = f.method or "*", path = f.path, remaining = f.remaining,
     status = f.status or null, errorCode = f.errorCode or null, message = f.message or null,
     retryAfter = f.retryAfter or null, delay = f.delay or null, drop = f.drop or false,
+    body = f.body or null, drip = f.drip or null,
   }
+end
+
+-- A fault's kind for the request log: what the client saw happen.
+local function fault_label(f)
+  if f.drop then return f.drop == "response" and "drop-response" or "drop" end
+  return f.body or (f.drip and "drip") or (f.status and "status") or "delay"
+end
+
+local function seconds_field(body, name, lo, hi)
+  local v = body[name]
+  if v == nil then return true end
+  if type(v) ~= "number" or v ~= v or v < lo or v > hi then
+    return bad(name .. " must be a number of seconds between " .. lo .. " and " .. hi .. ".")
+  end
+  return true
 end
 
 local function add_fault(body)
   if not util.is_object(body) then return bad("The fault must be a JSON object.") end
   for k in pairs(body) do
     if not FAULT_FIELDS[k] then
-      return bad("Unknown fault field '" .. tostring(k) .. "'; use method, path, count, status, errorCode, message, "
-        .. "retryAfter, delay, drop.")
+      return bad("Unknown fault field '" .. tostring(k) .. "'; use " .. FIELD_LIST .. ".")
     end
   end
   local f = {}
@@ -116,24 +137,45 @@ local function add_fault(body)
     f.message = body.message
   end
   if body.retryAfter ~= nil then
-    if type(body.retryAfter) ~= "number" or body.retryAfter < 0 or f.status == nil then
-      return bad("retryAfter must be a number of seconds >= 0, with a status.")
+    local ra = body.retryAfter
+    local ok_number = type(ra) == "number" and ra >= 0 and ra <= 86400
+    local ok_text = type(ra) == "string" and #ra >= 1 and #ra <= 100 and not ra:find("[%c\128-\255]")
+    if not (ok_number or ok_text) or f.status == nil then
+      return bad("retryAfter must be seconds (0 to 86400, sent rounded up) or the header's text (e.g. an HTTP-date "
+        .. "such as \"Wed, 21 Oct 2015 07:28:00 GMT\", sent as is), with a status.")
     end
-    f.retryAfter = body.retryAfter
+    f.retryAfter = ra
   end
-  if body.delay ~= nil then
-    if type(body.delay) ~= "number" or body.delay < 0 or body.delay > 300 then
-      return bad("delay must be a number of seconds between 0 and 300.")
+  local ok, err = seconds_field(body, "delay", 0, 300)
+  if not ok then return nil, err end
+  f.delay = body.delay
+  ok, err = seconds_field(body, "drip", 0, 300)
+  if not ok then return nil, err end
+  f.drip = body.drip
+  if body.body ~= nil then
+    if not BODY_KINDS[body.body] then
+      return bad("body must be \"truncated\" (Content-Length promises more than is sent, then the connection "
+        .. "closes), \"garbage\" (not JSON) or \"html\" (a proxy's error page, with a status).")
     end
-    f.delay = body.delay
+    if body.body == "html" and not f.status then
+      return bad("body \"html\" is a proxy's error page: give it a status, e.g. 502 or 503.")
+    end
+    f.body = body.body
   end
   if body.drop ~= nil then
-    if type(body.drop) ~= "boolean" then return bad("drop must be true or false.") end
-    if body.drop and f.status then return bad("A fault either answers with a status or drops the connection, not both.") end
-    f.drop = body.drop or nil
+    local d = body.drop
+    if d ~= true and d ~= false and d ~= "request" and d ~= "response" then
+      return bad("drop must be true or \"request\" (the request is lost before the hub acts) or \"response\" "
+        .. "(the hub acts, then its answer is lost).")
+    end
+    if d and (f.status or f.body or f.drip) then
+      return bad("A fault either answers (status, body, drip) or drops the connection, not both.")
+    end
+    f.drop = d == true and "request" or d or nil
   end
-  if not (f.status or f.delay or f.drop) then
-    return bad("Give the fault a kind: status (answer with an error), delay (seconds) and/or drop (close the connection).")
+  if not (f.status or f.delay or f.drop or f.body or f.drip) then
+    return bad("Give the fault a kind: status (answer with an error), delay (seconds), drop (close the connection), "
+      .. "body (truncated, garbage, html) and/or drip (seconds).")
   end
   fault_seq = fault_seq + 1
   f.id = fault_seq
@@ -155,9 +197,15 @@ function M.take_fault(method, pattern, path)
     if fault_matches(f, method, pattern, path) then
       f.remaining = f.remaining - 1
       if f.remaining <= 0 then table.remove(faults, i) end
-      return f
+      return f, fault_label(f)
     end
   end
+end
+
+-- Does this fault change how the answer goes out (so the response must pass through
+-- M.send_faulted instead of nginx's own output)?
+function M.mangles_response(f)
+  return f.body ~= nil or f.drip ~= nil or f.drop == "response"
 end
 
 -- The error object a status fault answers with.
@@ -166,8 +214,80 @@ function M.fault_error(f)
   local err = errors.new(name, f.message or ("Injected fault: HTTP " .. f.status .. " (" .. name .. ")."))
   if not errors.catalog[name] then err.code = f.status * 1000 end
   err.status = f.status
-  if f.retryAfter then err.headers = { ["Retry-After"] = tostring(math.ceil(f.retryAfter)) } end
+  if f.retryAfter then
+    local ra = f.retryAfter
+    err.headers = { ["Retry-After"] = type(ra) == "number" and tostring(math.ceil(ra)) or ra }
+  end
   return err
+end
+
+local DRIP_PIECES = 10
+
+local REASONS = { [200] = "OK", [204] = "No Content", [400] = "Bad Request", [404] = "Not Found",
+  [409] = "Conflict", [412] = "Precondition Failed", [429] = "Too Many Requests",
+  [500] = "Internal Server Error", [502] = "Bad Gateway", [503] = "Service Unavailable",
+  [504] = "Gateway Timeout" }
+
+-- Bodies of the mangling faults. Both echo the request's Authorization header, as some
+-- debugging proxies do, so specs can check the client never repeats a secret it is shown.
+local function garbage_body(authorization)
+  return "<<emulator: this is not JSON>> {\"status\": \"runn\0\1\2\255 Authorization: " .. authorization
+end
+
+local function html_body(status, authorization)
+  local title = status .. " " .. (REASONS[status] or "Error")
+  return "<html>\r\n<head><title>" .. title .. "</title></head>\r\n<body>\r\n<center><h1>" .. title
+    .. "</h1></center>\r\n<hr><center>nginx</center>\r\n<!-- upstream request header: Authorization: "
+    .. authorization .. " -->\r\n</body>\r\n</html>\r\n"
+end
+
+-- Writes the answer (status, header name -> value, body) as the fault says, on the raw
+-- connection: nginx's own output would fix the framing the fault means to break. The
+-- connection is closed afterwards; returns true when that is done (the caller ends the
+-- request with 444), or nil, message when the raw socket could not be had.
+function M.send_faulted(f, status, headers, body, authorization)
+  body = body or ""
+  if f.drop == "response" then return true end -- the hub acted; its answer is lost
+  local content_type = "application/json; charset=utf-8"
+  if f.body == "garbage" then
+    body = garbage_body(authorization or "")
+  elseif f.body == "html" then
+    -- A proxy answered, not the hub: none of the hub's headers, but a Retry-After if asked.
+    body, content_type = html_body(status, authorization or ""), "text/html"
+    headers = { ["Retry-After"] = headers["Retry-After"] }
+  end
+  local lines = { "HTTP/1.1 " .. status .. " " .. (REASONS[status] or "Unknown") }
+  for k, v in pairs(headers) do
+    local lk = k:lower()
+    if lk ~= "content-type" and lk ~= "content-length" and lk ~= "connection" then
+      lines[#lines + 1] = k .. ": " .. tostring(v)
+    end
+  end
+  lines[#lines + 1] = "Content-Type: " .. content_type
+  -- An empty answer (204) has no body to cut or replace: it goes out whole (clients accept
+  -- even a 204 whose headers stop short, so there is nothing else to break).
+  local sent_body = status == 204 and "" or body
+  if status ~= 204 then
+    lines[#lines + 1] = "Content-Length: " .. #body
+    if f.body == "truncated" then sent_body = body:sub(1, math.floor(#body / 2)) end
+  end
+  lines[#lines + 1] = "Connection: close"
+  local data = table.concat(lines, "\r\n") .. "\r\n\r\n" .. sent_body
+  local sock, err = ngx.req.socket(true)
+  if not sock then return nil, "no raw socket for the faulted answer: " .. tostring(err) end
+  if f.drip and f.drip > 0 then
+    -- DRIP_PIECES pieces with equal pauses between them: the last byte leaves after `drip` s.
+    local size = math.ceil(#data / DRIP_PIECES)
+    local pause = f.drip / math.max(1, math.ceil(#data / size) - 1)
+    for i = 1, #data, size do
+      if i > 1 then ngx.sleep(pause) end
+      local ok, serr = sock:send(data:sub(i, i + size - 1))
+      if not ok then return nil, "dripping the answer: " .. tostring(serr) end -- the client left
+    end
+  else
+    sock:send(data)
+  end
+  return true
 end
 
 ---------------------------------------------------------------------------

@@ -77,7 +77,13 @@ end
 
 local JSON_TYPE = "application/json; charset=utf-8"
 
+local send_faulted -- below: the answer of a request whose response a fault mangles
+-- Requests in flight whose answer a fault mangles: while there are none, send() does not
+-- touch ngx.ctx (whose first use costs a table per request).
+local mangled_in_flight = 0
+
 local function send(status, value, headers)
+  if mangled_in_flight > 0 and ngx.ctx.response_fault then return send_faulted(status, value, headers) end
   ngx.status = status
   ngx.header["Content-Type"] = JSON_TYPE
   ngx.header["x-ms-request-id"] = core.uuid4()
@@ -88,6 +94,29 @@ local function send(status, value, headers)
     ngx.header["Content-Length"] = #body
     ngx.print(body)
   end
+end
+
+-- The answer as send() would give it, handed to the fault that mangles it on the raw
+-- connection (which is then closed: handle() ends the request with 444).
+function send_faulted(status, value, headers)
+  local fault = ngx.ctx.response_fault
+  ngx.ctx.response_fault = nil -- one answer per request
+  mangled_in_flight = mangled_in_flight - 1
+  local all = { ["x-ms-request-id"] = core.uuid4() }
+  for k, v in pairs(headers or {}) do all[k] = v end
+  local body = ""
+  if value ~= nil then
+    local err
+    body, err = util.json_encode(value)
+    if not body then error("cannot encode the response: " .. tostring(err)) end
+  end
+  ngx.status = status -- for the access log and the request log
+  ngx.req.read_body() -- the raw socket is only had once the request body is out of the way
+  local authorization = ngx.req.get_headers()["authorization"]
+  if type(authorization) == "table" then authorization = authorization[1] end
+  local ok, err = control.send_faulted(fault, status, all, body, authorization)
+  if not ok then ngx.log(ngx.ERR, err) end
+  ngx.ctx.closed, ngx.ctx.answer_lost = true, fault.drop == "response"
 end
 
 local function tracking_id(t)
@@ -332,12 +361,17 @@ local function match(method, segs)
   return nil, path_known
 end
 
--- Applies an injected fault: waits, then answers with its error or asks handle() to drop
--- the connection. Returns true when the request is finished.
-local function apply_fault(fault, rec)
-  rec.fault = fault.drop and "drop" or fault.status and "status" or "delay"
+-- Applies an injected fault: waits, then answers with its error, has send() hand the answer
+-- to the fault (control.send_faulted) or asks handle() to drop the connection. Returns true
+-- when the request is finished.
+local function apply_fault(fault, label, rec)
+  rec.fault = label
   if fault.delay then ngx.sleep(fault.delay) end
-  if fault.drop then
+  if control.mangles_response(fault) then
+    ngx.ctx.response_fault, rec.mangled = fault, true
+    mangled_in_flight = mangled_in_flight + 1
+  end
+  if fault.drop == "request" then
     rec.drop = true
     return true
   end
@@ -387,8 +421,8 @@ local function dispatch(rec)
       error(errors.new("InvalidProtocolVersion", "The api-version '" .. v:sub(1, 40) ..
         "' is not supported; use a version such as 2021-04-12."), 0)
     end
-    local fault = control.take_fault(method, route[2], rec.path)
-    if fault and apply_fault(fault, rec) then return end
+    local fault, label = control.take_fault(method, route[2], rec.path)
+    if fault and apply_fault(fault, label, rec) then return end
   end
   route[3]({ method = method, segs = segs, params = params, headers = headers, args = args })
 end
@@ -417,12 +451,14 @@ function M.handle()
     control.record({
       method = rec.method or ngx.req.get_method(), path = rec.path or ngx.var.uri,
       query = ngx.var.args or util.null, route = rec.route or util.null,
-      status = rec.drop and util.null or ngx.status, requestId = rec.requestId or util.null,
+      status = (rec.drop or rec.mangled and ngx.ctx.answer_lost) and util.null or ngx.status,
+      requestId = rec.requestId or util.null,
       fault = rec.fault or util.null,
       durationMs = math.floor((core.monotime() - started) * 1e6 + 0.5) / 1000,
     })
   end
-  if rec.drop then return ngx.exit(444) end -- closes the connection without an answer
+  -- closes the connection: without an answer, or after a faulted one written on the raw socket
+  if rec.drop or rec.mangled and ngx.ctx.closed then return ngx.exit(444) end
 end
 
 return M

@@ -141,6 +141,72 @@ describe("emulator control plane", function()
       assert.equal(core.null, last.status)
     end)
 
+    it("drops the answer after the hub acted", function()
+      emu:control("POST", "/_emulator/faults", { path = "/devices/{id}", method = "PUT", drop = "response" })
+      local status, err = emu:api("PUT", "/devices/lost-answer", { deviceId = "lost-answer" }, nil, { fresh = true })
+      assert.is_nil(status)
+      assert.matches("CURLE_GOT_NOTHING", err, 1, true)
+      assert.equal(200, (emu:api("GET", "/devices/lost-answer"))) -- the hub did create it
+      local _, log = emu:control("GET", "/_emulator/requests")
+      assert.equal("drop-response", log.requests[1].fault)
+      assert.equal(core.null, log.requests[1].status)
+    end)
+
+    it("cuts an answer short of its Content-Length, then closes the connection", function()
+      emu:control("POST", "/_emulator/faults", { path = "/twins/{id}", body = "truncated" })
+      local status, err = emu:api("GET", "/twins/door-001", nil, nil, { fresh = true })
+      assert.is_nil(status)
+      assert.matches("CURLE_PARTIAL_FILE", err, 1, true)
+      emu:control("POST", "/_emulator/faults", { path = "/twins/{id}", status = 503, body = "truncated" })
+      status, err = emu:api("GET", "/twins/door-001", nil, nil, { fresh = true })
+      assert.is_nil(status)
+      assert.matches("CURLE_PARTIAL_FILE", err, 1, true)
+      -- an empty answer has nothing to cut: it goes out whole
+      emu:control("POST", "/_emulator/faults", { path = "/devices/{id}", method = "DELETE", body = "truncated" })
+      assert.equal(204, (emu:api("DELETE", "/devices/door-002", nil, { ["If-Match"] = "*" }, { fresh = true })))
+      local _, log = emu:control("GET", "/_emulator/requests")
+      assert.same({ "truncated", "truncated", "truncated" }, { log.requests[1].fault, log.requests[2].fault, log.requests[3].fault })
+      assert.same({ 200, 503, 204 }, { log.requests[1].status, log.requests[2].status, log.requests[3].status })
+    end)
+
+    it("answers with a body that is not JSON, or a proxy's HTML page, echoing the Authorization header", function()
+      local auth = E.token()
+      emu:control("POST", "/_emulator/faults", { path = "/twins/{id}", body = "garbage" })
+      local s1, d1, h1, raw1 = emu:api("GET", "/twins/door-001", nil, { Authorization = auth })
+      assert.equal(200, s1)
+      assert.is_nil(d1)
+      assert.matches("application/json", h1["content-type"], 1, true)
+      assert.is_nil(core.json_decode(raw1))
+      assert.truthy(raw1:find(auth, 1, true))
+      emu:control("POST", "/_emulator/faults", { path = "/twins/{id}", body = "garbage", status = 500 })
+      local s2, _, _, raw2 = emu:api("GET", "/twins/door-001")
+      assert.equal(500, s2)
+      assert.is_nil(core.json_decode(raw2))
+      emu:control("POST", "/_emulator/faults", { path = "/jobs/v2/*", status = 502, body = "html", retryAfter = 3 })
+      local s3, _, h3, raw3 = emu:api("GET", "/jobs/v2/any")
+      assert.equal(502, s3)
+      assert.equal("text/html", h3["content-type"])
+      assert.equal("3", h3["retry-after"])
+      assert.matches("<title>502 Bad Gateway</title>", raw3, 1, true)
+      assert.equal(200, (emu:api("GET", "/twins/door-001"))) -- the connection after it is a new one, and fine
+    end)
+
+    it("drips an answer out over the time asked, and sends Retry-After text as given", function()
+      local date = "Wed, 21 Oct 2015 07:28:00 GMT"
+      emu:control("POST", "/_emulator/faults", { path = "/twins/{id}", drip = 0.6, status = 503, retryAfter = date })
+      local t0 = core.monotime()
+      local status, _, h = emu:api("GET", "/twins/door-001")
+      assert.is_true(core.monotime() - t0 >= 0.55)
+      assert.equal(503, status)
+      assert.equal(date, h["retry-after"])
+      emu:control("POST", "/_emulator/faults", { path = "/twins/{id}", drip = 0.3 })
+      local s2, twin = emu:api("GET", "/twins/door-001")
+      assert.equal(200, s2)
+      assert.equal("door-001", twin.deviceId)
+      local _, log = emu:control("GET", "/_emulator/requests")
+      assert.equal("drip", log.requests[#log.requests].fault)
+    end)
+
     it("lists, deletes and validates faults", function()
       local _, a = emu:control("POST", "/_emulator/faults", { path = "/twins/x", status = 500, count = 3 })
       emu:control("POST", "/_emulator/faults", { path = "/twins/y", status = 500 })
@@ -165,6 +231,17 @@ describe("emulator control plane", function()
         { path = "/twins/x", status = 500, errorCode = "NoSuchError" },
         { path = "/twins/x", status = 500, colour = "red" },  -- unknown field
         { path = "/_emulator/clock", status = 500 },          -- the controls themselves
+        { path = "/twins/x", body = "binary" },               -- no such body fault
+        { path = "/twins/x", body = "html" },                 -- a proxy's page needs a status
+        { path = "/twins/x", drop = "maybe" },
+        { path = "/twins/x", drop = "response", status = 503 },
+        { path = "/twins/x", drop = true, body = "garbage" },
+        { path = "/twins/x", drip = 1, drop = "request" },
+        { path = "/twins/x", drip = -1 },
+        { path = "/twins/x", drip = 301 },
+        { path = "/twins/x", status = 503, retryAfter = "a\r\nSet-Cookie: x" }, -- header injection
+        { path = "/twins/x", status = 503, retryAfter = -1 },
+        { path = "/twins/x", retryAfter = 5 },                -- Retry-After needs a status
       }
       for _, f in ipairs(bad) do
         local s, body, h = emu:control("POST", "/_emulator/faults", f)

@@ -167,7 +167,7 @@ describe("iothub.http1", function()
       assert.same({ "network", "ConnectionClosed", false }, { err.kind, err.code, started })
 
       err, started = select(2, read("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"))
-      assert.same({ "network", "ConnectionClosed", true }, { err.kind, err.code, started })
+      assert.same({ "protocol", "TruncatedResponse", true }, { err.kind, err.code, started })
       assert.matches("reading the response body", err.message)
 
       err = failure("SSH-2.0-OpenSSH\r\n")

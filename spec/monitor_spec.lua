@@ -42,6 +42,81 @@ describe("monitorJob", function()
     assert.equal(4, #rec.requests) -- the monitor's own backoff, not a nested retry loop
   end)
 
+  it("waits at least a failed poll's Retry-After before the next poll", function()
+    local jobs, rec, clock = make({ job("running"), { status = 503, headers = { ["Retry-After"] = "7" } },
+      { status = 429, headers = { ["Retry-After"] = "1" } }, job("completed") })
+    assert(jobs:monitorJob("job01", { interval = 2, maxInterval = 60 }))
+    -- 7 s as asked (backoff alone would be 4); then the backoff's 8 s, more than the 1 s asked
+    assert.same({ 2, 7, 8 }, clock.sleeps)
+    assert.equal(4, #rec.requests)
+  end)
+
+  it("honours an HTTP-date Retry-After on a poll", function()
+    local jobs, _, clock = make({ job("running"), { status = 503 }, job("completed") })
+    -- the fake clock's wall time is 1700000000 + elapsed; the answer asks for 1700000030
+    jobs.pipeline:transport().script[2].headers = { ["Retry-After"] = "Tue, 14 Nov 2023 22:13:50 GMT" }
+    assert(jobs:monitorJob("job01", { interval = 2 }))
+    assert.equal(2, clock.sleeps[1])
+    assert.near(28, clock.sleeps[2], 1e-9) -- 30 s from the start, 2 of them already slept
+  end)
+
+  it("says the hub was unavailable when polls kept failing until the deadline", function()
+    local script = { job("running") }
+    for i = 2, 10 do script[i] = { status = 503, headers = { ["iothub-errorcode"] = "ServiceUnavailable" } } end
+    local jobs, rec, clock = make(script)
+    local final, err = jobs:monitorJob("job01", { interval = 2, timeout = 10 })
+    assert.is_nil(final)
+    assert.equal("unavailable", err.kind)
+    assert.equal("HubUnavailable", err.code)
+    assert.is_true(err.retryable)
+    assert.same({ 2, 4, 4 }, clock.sleeps) -- polls at 0, 2, 6 and 10 s; the last two cut at the deadline
+    assert.equal(4, #rec.requests)
+    assert.equal(503, err.lastError.status)
+    assert.equal("running", err.job.status)
+    local text = tostring(err)
+    assert.matches("monitorJob 'job01' failed: HubUnavailable: hub unavailable: the hub kept failing until the " ..
+      "monitor's 10 s timeout (3 polls in a row); last error: getJob 'job01' failed: HTTP 503 ServiceUnavailable", text, 1, true)
+    assert.matches("last seen: status running", text, 1, true)
+  end)
+
+  it("makes the CLI exit with the code of the hub's last failure", function()
+    local exitcodes = require "iothub.cli.exitcodes"
+    local jobs = make({ job("running"), { status = 503 }, { status = 503 }, { status = 503 } })
+    local _, err = jobs:monitorJob("job01", { interval = 2, timeout = 4 })
+    assert.equal("HubUnavailable", err.code)
+    assert.equal(exitcodes.SERVICE, exitcodes.for_error(err))
+    local NET = { err = { kind = "network", code = "CURLE_COULDNT_CONNECT", message = "refused" } }
+    jobs = make({ job("running"), NET, NET, NET })
+    _, err = jobs:monitorJob("job01", { interval = 2, timeout = 4 })
+    assert.equal(exitcodes.NETWORK, exitcodes.for_error(err))
+  end)
+
+  it("stops at once, hub unavailable, when Retry-After asks to wait past the deadline", function()
+    local jobs, rec, clock = make({ job("running"), { status = 429, headers = { ["Retry-After"] = "600" } }, job("completed") })
+    local final, err = jobs:monitorJob("job01", { interval = 2, timeout = 60 })
+    assert.is_nil(final)
+    assert.equal("HubUnavailable", err.code)
+    assert.matches("asked to wait 600 s (Retry-After) before the next poll, past the monitor's 60 s timeout", err.message, 1, true)
+    assert.same({ 2 }, clock.sleeps)
+    assert.equal(2, #rec.requests)
+  end)
+
+  it("keeps MonitorTimeout for a job merely still running, even after failures it got past", function()
+    local jobs, _, clock = make({ job("running"), { status = 500 }, job("running"), job("running"), job("running") })
+    local final, err = jobs:monitorJob("job01", { interval = 3, timeout = 10 })
+    assert.is_nil(final)
+    assert.equal("timeout", err.kind)
+    assert.equal("MonitorTimeout", err.code)
+    assert.is_nil(err.lastError)
+    assert.same({ 3, 6, 1 }, clock.sleeps)
+  end)
+
+  it("keeps watching through an answer that is not JSON", function()
+    local jobs, rec = make({ job("running"), { status = 200, body = "<html>captive portal</html>" }, job("completed") })
+    assert.equal("completed", assert(jobs:monitorJob("job01", { interval = 1 })).status)
+    assert.equal(3, #rec.requests)
+  end)
+
   it("stops with the error when the job cannot be read", function()
     local jobs = make({ job("running"), { status = 404, headers = { ["iothub-errorcode"] = "JobNotFound" } } })
     local final, err = jobs:monitorJob("job01", { interval = 1 })
@@ -129,8 +204,10 @@ describe("C policy", function()
     assert.equal("attempts", select(2, core.retry_decision({ status = 503, attempt = 3, maxAttempts = 3 })))
     assert.equal("deadline", select(2, core.retry_decision({ network = true, attempt = 1, now = 10, deadline = 10.5 })))
     assert.equal(42, core.retry_decision({ status = 429, attempt = 1, retryAfter = 42 }))
-    for _, s in ipairs({ 429, 500, 503, 504 }) do assert.is_true(core.retryable(s)) end
-    for _, s in ipairs({ 400, 401, 404, 409, 412, 502 }) do assert.is_false(core.retryable(s)) end
+    -- 502 is a proxy's or gateway's answer (the hub sends it only for a device's bad method
+    -- answer, and direct methods are never retried): retried, as Azure's msrest does.
+    for _, s in ipairs({ 429, 500, 502, 503, 504 }) do assert.is_true(core.retryable(s)) end
+    for _, s in ipairs({ 400, 401, 404, 409, 412, 501 }) do assert.is_false(core.retryable(s)) end
   end)
 
   it("decides monitor steps", function()
@@ -139,5 +216,49 @@ describe("C policy", function()
     local action, delay = core.monitor_decision({ status = "running", now = 0, interval = 5, errors = 3, maxInterval = 30 })
     assert.equal("sleep", action)
     assert.equal(30, delay)
+  end)
+
+  it("gives the reason of every monitor step", function()
+    local function decide(t) return { core.monitor_decision(t) } end
+    assert.same({ "done", 0, "terminal" }, decide({ status = "failed" }))
+    assert.same({ "sleep", 5, "interval" }, decide({ status = "running", now = 0 }))
+    assert.same({ "sleep", 20, "backoff" }, decide({ status = "running", now = 0, errors = 2 }))
+    assert.same({ "sleep", 100, "start-time" }, decide({ status = "scheduled", now = 0, startTime = 100, maxInterval = 300 }))
+    assert.same({ "sleep", 3, "deadline" }, decide({ status = "running", now = 7, started = 0, timeout = 10 }))
+    -- a failed poll's Retry-After: the next poll waits at least that long ...
+    assert.same({ "sleep", 45, "retry-after" }, decide({ status = "running", now = 0, errors = 1, retryAfter = 45 }))
+    assert.same({ "sleep", 10, "backoff" }, decide({ status = "running", now = 0, errors = 1, retryAfter = 3 }))
+    -- ... and only a failed poll has one
+    assert.same({ "sleep", 5, "interval" }, decide({ status = "running", now = 0, errors = 0, retryAfter = 45 }))
+    -- stopping: still running at the deadline, or the hub failing until then / asking to wait past it
+    assert.same({ "timeout", 0, "deadline" }, decide({ status = "running", now = 10, started = 0, timeout = 10 }))
+    assert.same({ "unavailable", 0, "deadline" }, decide({ status = "running", now = 10, started = 0, timeout = 10, errors = 1 }))
+    assert.same({ "unavailable", 0, "deadline" }, decide({ now = 10, started = 0, timeout = 10, errors = 4 }))
+    assert.same({ "unavailable", 0, "retry-after" },
+      decide({ status = "running", now = 0, started = 0, timeout = 60, errors = 1, retryAfter = 61 }))
+    assert.same({ "sleep", 60, "retry-after" },
+      decide({ status = "running", now = 0, started = 0, timeout = 60, errors = 1, retryAfter = 60 }))
+  end)
+
+  it("reads Retry-After as seconds or an HTTP-date in all three forms", function()
+    local now = 784111777 - 30 -- 30 s before Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example)
+    assert.equal(120, core.retry_after("120", now))
+    assert.equal(0, core.retry_after("0", now))
+    assert.equal(1.5, core.retry_after(" 1.5 ", now))
+    assert.equal(7, core.retry_after(7, now))
+    assert.equal(30, core.retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now))
+    assert.equal(30, core.retry_after("Sunday, 06-Nov-94 08:49:37 GMT", now))
+    assert.equal(30, core.retry_after("Sun Nov  6 08:49:37 1994", now))
+    assert.equal(30, core.retry_after("sun, 06 nov 1994 08:49:37 gmt", now))
+    assert.equal(0, core.retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now + 3600)) -- passed: at once
+    for _, bad in ipairs({ "", "  ", "soon", "-5", "1e3", "5s", "1.", ".5", "Sun, 06 Nov 1994 08:49:37",
+      "Sun, 31 Feb 1994 08:49:37 GMT", "Sun, 06 Nov 1994 24:00:00 GMT", "Sun, 06 Nov 1994 08:49:37 GMT x",
+      ("9"):rep(400), ("Sun, "):rep(30) }) do
+      assert.is_nil(core.retry_after(bad, now), bad)
+    end
+    assert.is_nil(core.retry_after(nil, now))
+    assert.is_nil(core.retry_after(-1, now))
+    assert.is_nil(core.retry_after(0 / 0, now))
+    assert.has_error(function() core.retry_after({}, now) end)
   end)
 end)

@@ -70,11 +70,30 @@ describe("service errors", function()
     assert.is_nil(line:find("abcdef", 1, true))
   end)
 
-  it("keeps a non-JSON body as the message", function()
-    local jobs = make({ { status = 502, body = "<html>bad gateway</html>" } })
+  it("reads a proxy's HTML error page by its title, never echoing what it repeats", function()
+    local page = "<html>\r\n<head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1>" ..
+      "<!-- Authorization: SharedAccessSignature sr=h&sig=SECRET1&se=1 --></body></html>"
+    local jobs = make({ { status = 502, headers = { ["content-type"] = "text/html" }, body = page } }, { retry = false })
     local _, err = jobs:getJob("job01")
-    assert.equal("<html>bad gateway</html>", err.message)
+    assert.equal("service", err.kind)
     assert.equal(502, err.status)
+    assert.equal("an HTML page, as a proxy in between sends: 502 Bad Gateway", err.message)
+    assert.is_true(err.retryable)
+    -- no title: the page's text, comments dropped, whitespace folded, secrets redacted
+    jobs = make({ { status = 503, body = "<html><body>\n  <p>Service   down</p> sig=SECRET2 </body></html>" } },
+      { retry = false })
+    _, err = jobs:getJob("job01")
+    assert.equal("an HTML page, as a proxy in between sends: Service down sig=<redacted>", err.message)
+  end)
+
+  it("shows a body that is neither JSON nor HTML readably and short", function()
+    local jobs = make({ { status = 500, body = "not json \0\1\255 Authorization: SharedAccessSignature sr=h&sig=SECRET3&se=1 " ..
+      ("x"):rep(400) } }, { retry = false })
+    local _, err = jobs:getJob("job01")
+    assert.equal("service", err.kind)
+    assert.matches("^not json %?%?%? Authorization: SharedAccessSignature <redacted> x+%.%.%.$", err.message)
+    assert.is_nil(tostring(err):find("SECRET", 1, true))
+    assert.is_true(#err.message < 240)
   end)
 
   it("redacts signatures, keys and bearer tokens", function()
@@ -118,6 +137,46 @@ describe("retries", function()
     assert.equal(2, #clock.sleeps)
     assert.is_true(clock.sleeps[1] >= 5)
     assert.equal(7, clock.sleeps[2])
+  end)
+
+  it("honours Retry-After as an HTTP-date and ignores one it cannot read", function()
+    -- the fake clock's wall time is 1699996400 (2023-11-14T21:13:20Z) plus elapsed time
+    local jobs, _, clock = make({ { status = 503, headers = { ["Retry-After"] = "Tue, 14 Nov 2023 21:13:32 GMT" } },
+      { status = 503, headers = { ["Retry-After"] = "in a while" } }, JOB })
+    assert(jobs:getJob("job01"))
+    assert.same({ 12, 2 }, clock.sleeps) -- then the ordinary backoff for the second attempt
+  end)
+
+  it("carries the answer's Retry-After on the error, in seconds", function()
+    local jobs = make({ { status = 429, headers = { ["Retry-After"] = "42" } } }, { retry = false })
+    local _, err = jobs:getJob("job01")
+    assert.equal(42, err.retryAfter)
+  end)
+
+  it("retries a 2xx answer that is not JSON, as a lost answer", function()
+    local jobs, rec = make({ { status = 200, body = "{\"jobId\": \"job0" }, JOB })
+    assert.equal("running", assert(jobs:getJob("job01")).status)
+    assert.equal(2, #rec.requests)
+    jobs = make({ { status = 200, headers = { ["content-type"] = "text/html" }, body = "<html>portal</html>" } },
+      { retry = false })
+    local _, err = jobs:getJob("job01")
+    assert.equal("protocol", err.kind)
+    assert.equal("InvalidResponse", err.code)
+    assert.equal(200, err.status)
+    assert.is_true(err.retryable)
+    assert.matches("not valid JSON .*an HTML page", err.message)
+  end)
+
+  it("retries an answer cut short, a protocol error", function()
+    local cut = { err = { kind = "protocol", code = "CURLE_PARTIAL_FILE",
+      message = "the answer was cut short: transfer closed with 40 bytes remaining to read" } }
+    local jobs, rec = make({ cut, JOB })
+    assert(jobs:getJob("job01"))
+    assert.equal(2, #rec.requests)
+    jobs = make({ cut, cut }, { retry = { maxAttempts = 2 } })
+    local _, err = jobs:getJob("job01")
+    assert.equal("protocol", err.kind)
+    assert.equal(2, err.attempts)
   end)
 
   it("retries network errors and gives up after maxAttempts", function()
@@ -197,6 +256,13 @@ describe("idempotent job creation", function()
     assert.equal(409, err.status)
     assert.matches("must be unique", err.message)
     assert.equal(2, #rec.requests)
+  end)
+
+  it("resolves a PUT whose 2xx answer was unreadable through the 409 read-back", function()
+    local jobs, rec = make({ { status = 200, body = "garbage" }, CONFLICT, CREATED })
+    local job = assert(jobs:scheduleDeviceMethod("job01", "*", { methodName = "m" }))
+    assert.equal("queued", job.status)
+    assert.same({ "PUT", "PUT", "GET" }, { rec.requests[1].method, rec.requests[2].method, rec.requests[3].method })
   end)
 
   it("accepts a first-attempt 409 for its own job (libcurl resent after a dropped connection)", function()

@@ -94,6 +94,59 @@ describe("Registry", function()
     assert.equal('"*"', rec.requests[3].headers["if-match"])
   end)
 
+  describe("identities whose answers were lost", function()
+    local NET = { err = { kind = "network", code = "CURLE_RECV_ERROR", message = "connection reset" } }
+    local EXISTS = { status = 409, headers = { ["iothub-errorcode"] = "DeviceAlreadyExists" },
+      body = '{"Message":"{\\"errorCode\\":409001,\\"message\\":\\"exists\\"}","ExceptionMessage":""}' }
+    local GONE = { status = 404, headers = { ["iothub-errorcode"] = "DeviceNotFound" } }
+    local HELD = { status = 200, body = { deviceId = "d1", status = "enabled",
+      authentication = { type = "sas", symmetricKey = { primaryKey = "p1", secondaryKey = "s1" } } } }
+
+    it("a create retried after a lost answer reads the device back instead of failing on 409", function()
+      local registry, rec = make({ NET, EXISTS, HELD })
+      local device = assert(registry:create({ deviceId = "d1", status = "enabled" }))
+      assert.equal("p1", device.authentication.symmetricKey.primaryKey)
+      assert.same({ "PUT", "PUT", "GET" }, { rec.requests[1].method, rec.requests[2].method, rec.requests[3].method })
+    end)
+
+    it("a create that meets a different device is a conflict", function()
+      local registry = make({ NET, EXISTS, HELD })
+      local _, err = registry:create({ deviceId = "d1", status = "disabled" })
+      assert.equal(409, err.status)
+      assert.equal("DeviceAlreadyExists", err.code)
+      assert.matches("differs from the one asked for", err.message, 1, true)
+    end)
+
+    it("a first-attempt 409 is a conflict unless the device has the keys we gave", function()
+      local registry, rec = make({ EXISTS })
+      local _, err = registry:create({ deviceId = "d1" })
+      assert.equal(409, err.status)
+      assert.equal(1, #rec.requests) -- nothing said it could be ours: no read-back
+      registry, rec = make({ EXISTS, HELD })
+      local device = assert(registry:create({ deviceId = "d1",
+        authentication = { type = "sas", symmetricKey = { primaryKey = "p1", secondaryKey = "s1" } } }))
+      assert.equal("d1", device.deviceId)
+      assert.equal(2, #rec.requests)
+      registry = make({ EXISTS, HELD })
+      _, err = registry:create({ deviceId = "d1", authentication = { symmetricKey = { primaryKey = "other" } } })
+      assert.equal(409, err.status)
+    end)
+
+    it("a delete retried after a lost answer is done when the device is gone; a first 404 is an error", function()
+      local registry, rec = make({ NET, GONE })
+      assert.is_true(registry:delete("d1"))
+      assert.equal(2, #rec.requests)
+      registry = make({ { status = 503 }, GONE })
+      assert.is_true(registry:delete("d1"))
+      registry = make({ { status = 429 }, GONE }) -- throttled: surely not done, so the 404 is real
+      local _, err = registry:delete("d1")
+      assert.equal(404, err.status)
+      registry = make({ GONE })
+      _, err = registry:delete("d1")
+      assert.equal("DeviceNotFound", err.code)
+    end)
+  end)
+
   it("refuses bad device ids before sending", function()
     local registry, rec = make({})
     for _, id in ipairs({ "", ("d"):rep(129), "bad/id", "sp ace" }) do

@@ -1,6 +1,7 @@
 --- Error values returned as the second result of every failing call.
 -- An error is a table that prints as one readable line:
 --   kind       "service" | "network" | "timeout" | "tls" | "auth" | "invalid_argument" | "protocol"
+--              | "unavailable" (a monitor stopped because the hub kept failing; see JobClient:watchJob)
 --   status     HTTP status (service errors)
 --   code       error-code name, e.g. "ThrottlingMaxActiveJobCountExceeded"
 --   errorCode  numeric code, e.g. 429004
@@ -165,6 +166,30 @@ local function read_envelope(e, body, depth)
   if message ~= "" then e.message = message end
 end
 
+--- Is this answer an HTML page (a proxy's or load balancer's error page, not the hub's JSON)?
+function M.is_html(res)
+  local content_type = res.headers and res.headers["content-type"]
+  if type(content_type) == "string" and content_type:lower():find("text/html", 1, true) then return true end
+  local body = res.body
+  return type(body) == "string" and body:match("^%s*<[%a!]") ~= nil
+end
+
+local TEXT_MAX = 200
+
+-- A body that is not JSON, as a readable message: an HTML page by its title (or its text),
+-- anything else with control and non-ASCII bytes shown as '?', both cut to TEXT_MAX.
+local function body_text(res)
+  local body, prefix = res.body, ""
+  if M.is_html(res) then
+    local title = body:match("<[Tt][Ii][Tt][Ll][Ee][^>]*>(.-)</[Tt][Ii][Tt][Ll][Ee]>")
+    body = title or body:gsub("<!%-%-.-%-%->", " "):gsub("<[^>]*>", " ")
+    prefix = "an HTML page, as a proxy in between sends: "
+  end
+  body = trim(body:gsub("%s+", " "):gsub("[%z\1-\31\127-\255]", "?"))
+  if #body > TEXT_MAX then body = body:sub(1, TEXT_MAX) .. "..." end
+  return prefix .. body
+end
+
 --- Builds an error from a non-2xx HTTP response.
 -- Sources, in order: the `iothub-errorcode` header, then envelope B
 -- (`{"errorCode":404103,"trackingId":...,"message":...}`), then envelope A
@@ -181,7 +206,7 @@ function M.from_response(res, context)
     if type(decoded) == "table" then
       read_envelope(e, decoded, 0)
     else
-      e.message = #body > 300 and (body:sub(1, 300) .. "...") or body
+      e.message = body_text(res)
     end
   end
   if e.code and e.errorCode and NUMBERS[e.code] and NUMBERS[e.code] ~= e.errorCode then

@@ -7,7 +7,8 @@
 -- each returning data or nil, err, partial — the contract of nginx cosockets and LuaSocket —
 -- so it is unit tested with a fake socket outside nginx.
 --
--- Errors are { kind = "network"|"timeout", code =, message = } like the curl transport's.
+-- Errors are { kind = "network"|"timeout"|"protocol", code =, message = } like the curl
+-- transport's ("protocol": the answer was cut short, TruncatedResponse).
 -- @module iothub.http1
 local M = {}
 
@@ -279,7 +280,14 @@ function M.read_response(sock, method, opts)
     keepalive = false
     body, err = read_until_close(sock, where, max_body)
   end
-  if not body then return nil, err, true end
+  if not body then
+    if err.code == "ConnectionClosed" then
+      -- The answer began and was cut short: a broken answer, not a lost connection.
+      err = { kind = "protocol", code = "TruncatedResponse",
+        message = err.message .. " (HTTP " .. status .. "; the body ended before its framing said)" }
+    end
+    return nil, err, true
+  end
   return { status = status, headers = headers, body = body }, keepalive
 end
 

@@ -220,7 +220,7 @@ function JobClient:_schedule(operation, request)
   return self.pipeline:call({
     operation = operation, target = request.jobId, method = "PUT",
     path = { "jobs", "v2", request.jobId }, body = body,
-    onConflict = function(conflict)
+    onConflict = function(conflict) -- same job, same answer, whether or not an attempt was uncertain
       local job = self:getJob(request.jobId)
       if same_job(job, request) then return job end
       conflict.message = (conflict.message or "") ..
@@ -390,13 +390,40 @@ local function progress_text(job)
     tostring(s.succeededCount or 0), tostring(s.deviceCount or 0), tostring(s.failedCount or 0))
 end
 
+-- What a monitor that stopped says. decision: "timeout" or "unavailable"; reason: the
+-- decision's ("deadline" or "retry-after").
+local function monitor_stop(decision, reason, job_id, timeout, last, last_err, errors_in_row)
+  local seen = last and ("last seen: " .. progress_text(last)) or "the job was never read"
+  local e
+  if decision == "timeout" then
+    e = errors.new({ kind = "timeout", code = "MonitorTimeout",
+      message = ("job did not finish within %g s (%s)"):format(timeout, seen) })
+  else
+    local why = reason == "retry-after"
+      and ("the hub asked to wait %g s (Retry-After) before the next poll, past the monitor's %g s timeout")
+        :format(last_err.retryAfter, timeout)
+      or ("the hub kept failing until the monitor's %g s timeout (%d poll%s in a row)")
+        :format(timeout, errors_in_row, errors_in_row == 1 and "" or "s")
+    e = errors.new({ kind = "unavailable", code = "HubUnavailable",
+      message = ("hub unavailable: %s; last error: %s; %s"):format(why,
+        (tostring(last_err):gsub("^iothub: ", "")), seen) })
+    e.lastError = last_err
+  end
+  e.operation, e.target, e.retryable, e.job = "monitorJob", job_id, true, last
+  return e
+end
+
 --- Polls a job until it reaches completed, failed or cancelled, yielding every snapshot.
 --     for job, err in jobs:watchJob(id, { interval = 2 }) do
 --       if not job then error(err) end
 --       print(job.status)
 --     end
--- Transient errors (throttling, 5xx, network) back off and keep watching; anything else, or
--- the timeout, ends the loop with one `false, err` pair.
+-- Transient errors (throttling, 5xx, network, unreadable answers) back off and keep watching,
+-- each next poll waiting at least as long as the failed one's Retry-After; anything else ends
+-- the loop with one `false, err` pair. So does the timeout: kind "timeout" (MonitorTimeout)
+-- while the job was still unfinished at the last poll, kind "unavailable" (HubUnavailable,
+-- err.lastError the hub's last error) when the polls kept failing until the deadline or the
+-- hub asked to wait past it.
 -- @param[opt] opts { interval = 5, maxInterval = 60, timeout = 3600, sleep = fn }
 function JobClient:watchJob(jobId, opts)
   opts = check_monitor_options(opts)
@@ -414,18 +441,13 @@ function JobClient:watchJob(jobId, opts)
     while true do
       if polled then
         local now = clock.now()
-        local action, delay = core.monitor_decision({ status = last and last.status, now = now,
+        local action, delay, reason = core.monitor_decision({ status = last and last.status, now = now,
           started = started, timeout = timeout, interval = interval, maxInterval = max_interval,
-          errors = errors_in_row,
+          errors = errors_in_row, retryAfter = errors_in_row > 0 and last_err.retryAfter or nil,
           startTime = start_epoch and (now + start_epoch - clock.time()) or nil })
-        if action == "timeout" then
+        if action == "timeout" or action == "unavailable" then
           finished = true
-          local e = errors.new({ kind = "timeout", code = "MonitorTimeout", operation = "monitorJob",
-            target = jobId, retryable = true,
-            message = ("job did not finish within %g s (last seen: %s)"):format(timeout,
-              last and progress_text(last) or ("no answer: " .. tostring(last_err))) })
-          e.job = last
-          return false, e
+          return false, monitor_stop(action, reason, jobId, timeout, last, last_err, errors_in_row)
         end
         pipeline:sleep(delay, opts.sleep)
       end

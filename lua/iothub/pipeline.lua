@@ -76,22 +76,29 @@ function Pipeline:exchange(req, sleep)
   return transport:request(req)
 end
 
--- Retry-After in seconds; the HTTP-date form is not used by the hub and is ignored.
-local function retry_after_seconds(headers)
-  local n = tonumber(headers and headers["retry-after"])
-  if n and n >= 0 then return n end
-  return nil
-end
-
 -- What an error names: built only when a request fails.
 local function error_context(op, request_id)
   return { operation = op.operation, target = op.target, requestId = request_id }
 end
 
+-- A 2xx answer whose body cannot be read: the request may well have been done, but its
+-- answer is lost, as with a dropped connection (so it is retried like one).
+local function unreadable(res, op, request_id, msg)
+  return errors.new({ kind = "protocol", code = "InvalidResponse", status = res.status,
+    operation = op.operation, target = op.target, requestId = request_id, retryable = true,
+    message = "the hub answered " .. res.status .. " with a body that is not valid JSON (" .. msg ..
+      (errors.is_html(res) and "; it is an HTML page, as a proxy in between sends" or "") .. ")" })
+end
+
 --- Sends one operation, retrying transient failures.
 -- op = { operation=, target=, method=, path=, query={{k,v}}, headers={{k,v}}, body=,
---        retry=(false disables), timeout=, onConflict=function(attempts) -> value | nil, err,
---        raw=true to return the response instead of decoded JSON, sleep= }
+--        retry=(false disables), timeout=, raw=true to return the response instead of decoded
+--        JSON, sleep=,
+--        onConflict=function(err, uncertain) -> value | nil, err (a 409 answer),
+--        onNotFound=function(err, uncertain) -> value | nil, err (a 404 answer) }
+-- `uncertain` is true when an earlier attempt of this call got no usable answer (connection
+-- lost, timed out, unreadable, or a 5xx): it may have been done, so a 409 can be our own
+-- work, and a 404 after a delete the delete itself.
 -- Returns decoded, response | nil, err.
 function Pipeline:send(op)
   local cfg = self.cfg
@@ -103,6 +110,7 @@ function Pipeline:send(op)
   local started = self:now()
   local deadline = started + policy.deadline
   local attempt = 0
+  local uncertain = false
   local query = self.api_query
   if op.query then
     query = { query[1] }
@@ -135,34 +143,32 @@ function Pipeline:send(op)
     local res, terr = self:exchange({ method = op.method, url = url, headers = lines, body = op.body,
       timeout = op.timeout or cfg.timeout, connectTimeout = cfg.connectTimeout }, op.sleep)
 
-    local err
+    local err, answered
     if res and res.status >= 200 and res.status < 300 then
       if op.raw then return res, res end
       if res.body == nil or res.body == "" then return true, res end
       local decoded, msg = core.json_decode(res.body)
-      if decoded == nil then
-        return nil, errors.new({ kind = "protocol", code = "InvalidResponse", status = res.status,
-          operation = op.operation, target = op.target, requestId = request_id,
-          message = "the hub answered " .. res.status .. " with a body that is not valid JSON: " .. msg })
-      end
-      return decoded, res
+      if decoded ~= nil then return decoded, res end
+      err = unreadable(res, op, request_id, msg)
     elseif res then
+      answered = true
       err = errors.from_response(res, error_context(op, request_id))
-      if res.status == 409 and op.onConflict then
-        -- The request may have landed before: an earlier attempt whose response was lost, or
-        -- libcurl's own silent resend when a kept-alive connection drops. Find out instead of
-        -- reporting a false failure.
-        return op.onConflict(err)
-      end
+      err.retryAfter = core.retry_after(res.headers and res.headers["retry-after"], cfg.clock.time())
+      -- The request may have landed before: an earlier attempt whose response was lost, or
+      -- libcurl's own silent resend when a kept-alive connection drops. Find out instead of
+      -- reporting a false failure.
+      if res.status == 409 and op.onConflict then return op.onConflict(err, uncertain) end
+      if res.status == 404 and op.onNotFound then return op.onNotFound(err, uncertain) end
     else
       err = errors.transport(terr, error_context(op, request_id))
     end
     err.attempts = attempt
+    if not answered or res.status >= 500 then uncertain = true end
 
     local delay, why = core.retry_decision({
-      status = res and res.status or nil, network = res == nil and err.retryable,
+      status = answered and res.status or nil, network = not answered and err.retryable,
       attempt = attempt, maxAttempts = max_attempts, now = self:now(), deadline = deadline,
-      retryAfter = res and retry_after_seconds(res.headers) or nil,
+      retryAfter = err.retryAfter,
       base = policy.baseDelay, cap = policy.maxDelay, throttleBase = policy.throttleDelay,
       jitter = policy.jitter, random = cfg.random(),
     })

@@ -105,8 +105,36 @@ function Registry:invokeDeviceMethod(deviceId, methodParams)
     retry = false })
 end
 
+-- The symmetric keys a device request gives, or nil.
+local function given_keys(device)
+  local auth = type(device.authentication) == "table" and device.authentication
+  local keys = auth and type(auth.symmetricKey) == "table" and auth.symmetricKey
+  if keys and (keys.primaryKey or keys.secondaryKey) then return keys end
+  return nil
+end
+
+-- Is the device the hub holds the one `request` asked for? Every field the request set, as
+-- far as it is the caller's (status, edge capability, keys).
+local function same_device(held, request)
+  if type(held) ~= "table" or held.deviceId ~= request.deviceId then return false end
+  if request.status ~= nil and held.status ~= request.status then return false end
+  local caps = type(request.capabilities) == "table" and request.capabilities
+  if caps and caps.iotEdge ~= nil then
+    local held_caps = type(held.capabilities) == "table" and held.capabilities or {}
+    if (held_caps.iotEdge == true) ~= (caps.iotEdge == true) then return false end
+  end
+  local keys = given_keys(request)
+  if keys then
+    local held_keys = given_keys(held) or {}
+    if held_keys.primaryKey ~= keys.primaryKey or held_keys.secondaryKey ~= keys.secondaryKey then return false end
+  end
+  return true
+end
+
 --- Creates a device identity. device = { deviceId = "…", status = "enabled", … }; the hub
 -- generates symmetric keys when none are given. Returns the device as created.
+-- A retried create that meets 409 reads the device back: after an attempt whose answer was
+-- lost it is ours when it is what we asked for; otherwise only when it has the keys we gave.
 function Registry:create(device)
   if type(device) ~= "table" then errors.misuse("device must be a table, got " .. type(device)) end
   local ok, err = check_device_id(device.deviceId, "create")
@@ -114,7 +142,16 @@ function Registry:create(device)
   local body, msg = core.json_encode(device)
   if not body then return nil, errors.invalid("device cannot be sent: " .. msg, { operation = "create", target = device.deviceId }) end
   return send(self, { operation = "create", target = device.deviceId, method = "PUT",
-    path = { "devices", device.deviceId }, body = body })
+    path = { "devices", device.deviceId }, body = body,
+    onConflict = function(conflict, uncertain)
+      if uncertain or given_keys(device) then
+        local held = self:get(device.deviceId)
+        if same_device(held, device) then return held end
+      end
+      conflict.message = (conflict.message or "") .. " (a device with this id already exists" ..
+        (uncertain and " and differs from the one asked for)" or ")")
+      return nil, conflict
+    end })
 end
 
 --- Reads a device identity.
@@ -125,12 +162,18 @@ function Registry:get(deviceId)
 end
 
 --- Deletes a device identity (unconditionally, If-Match "*"). Returns true or nil, err.
+-- A retried delete that meets 404 after an attempt whose answer was lost is done: that
+-- attempt deleted it.
 function Registry:delete(deviceId)
   local ok, err = check_device_id(deviceId, "delete")
   if not ok then return nil, err end
   local result
   result, err = send(self, { operation = "delete", target = deviceId, method = "DELETE",
-    path = { "devices", deviceId }, headers = { { "If-Match", '"*"' } } })
+    path = { "devices", deviceId }, headers = { { "If-Match", '"*"' } },
+    onNotFound = function(not_found, uncertain)
+      if uncertain then return true end
+      return nil, not_found
+    end })
   if result == nil then return nil, err end
   return true
 end

@@ -56,7 +56,7 @@ local function watch_ids(ctx, clients, ids)
   local r = rollout(ctx, clients)
   local final, err = r:watch(ids)
   if not final then
-    return fail(ctx, err, err.kind == "timeout" and timeout_hint(ids) or nil)
+    return fail(ctx, err, (err.kind == "timeout" or err.kind == "unavailable") and timeout_hint(ids) or nil)
   end
   local code = exitcodes.OK
   for _, job in ipairs(final.snapshots) do code = exitcodes.worst(code, exitcodes.for_job(job)) end

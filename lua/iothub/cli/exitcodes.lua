@@ -33,6 +33,8 @@ function M.for_error(err)
     if err.code == "InvalidConnectionString" or err.code == "InvalidToken" then return M.AUTH end
     return M.USAGE
   end
+  -- a monitor that stopped on a failing hub: what the hub's last failure was
+  if err.kind == "unavailable" and type(err.lastError) == "table" then return M.for_error(err.lastError) end
   if err.kind == "auth" or err.status == 401 or err.status == 403 then return M.AUTH end
   if err.kind == "timeout" or err.code == "MonitorTimeout" then return M.TIMEOUT end
   if err.kind == "network" or err.kind == "tls" then return M.NETWORK end

@@ -2,7 +2,7 @@
 --
 --   local t = require("iothub.transport.curl").new{ caFile = "...", timeout = 30 }
 --   local res, err = t:request{ method = "GET", url = "...", headers = { "A: b" } }
---   -- res = { status, headers, body }; err = { kind = "timeout"|"tls"|"network", code, message }
+--   -- res = { status, headers, body }; err = { kind = "timeout"|"tls"|"network"|"protocol", code, message }
 --
 -- request() blocks on one reused easy handle (keep-alive). submit()/poll() share one
 -- multi handle for concurrent transfers; requestCooperative() drives that multi
@@ -64,12 +64,19 @@ end
 local TLS_CODES = {
   CURLE_PEER_FAILED_VERIFICATION = true, CURLE_USE_SSL_FAILED = true,
 }
+-- An answer came but is broken (cut short before its Content-Length, undecodable).
+local PROTOCOL_CODES = {
+  CURLE_PARTIAL_FILE = "the answer was cut short: ",
+  CURLE_BAD_CONTENT_ENCODING = "the answer's body cannot be decoded: ",
+}
 local function make_error(message, code)
   local kind = "network"
   if code == "CURLE_OPERATION_TIMEDOUT" then
     kind = "timeout"
   elseif TLS_CODES[code] or (type(code) == "string" and code:find("^CURLE_SSL")) then
     kind = "tls"
+  elseif PROTOCOL_CODES[code] then
+    kind, message = "protocol", PROTOCOL_CODES[code] .. tostring(message)
   end
   return { kind = kind, code = code, message = message }
 end
