@@ -371,8 +371,8 @@ local function dispatch(rec)
     -- real time: clients sign with their own clock, whatever /_emulator/clock says
     local ok, why = auth.check(headers["authorization"], ngx.var.uri, util.real_now(), method)
     if not ok then
-      ngx.log(ngx.WARN, "401 for ", method, " ", raw_path, ": ", why)
-      error(errors.new("IotHubUnauthorizedAccess", "Unauthorized"), 0)
+      ngx.log(ngx.WARN, "401 for ", method, " ", raw_path:sub(1, 200), ": ", why)
+      error(errors.new("IotHubUnauthorizedAccess", "Unauthorized", { reason = why }), 0)
     end
   end
   local args = ngx.req.get_uri_args(100)
