@@ -62,10 +62,12 @@ bench: both
 	$(LUAJIT) bench/getjob.lua
 	$(LUAJIT) bench/device_rows.lua
 
-# A twin-update job over 100,000 simulated devices, and paging out its 100,000 device rows.
+# A twin-update job over 100,000 simulated devices, and paging out its 100,000 device rows;
+# getJob latency while hostile clients attack the emulator.
 bench-emulator: both
 	$(LUA) bench/emulator_scale.lua
 	$(LUA) bench/query.lua
+	$(LUA) bench/emulator_hostile.lua
 
 # The cosocket transport in a real nginx, and the dashboard in headless Chromium.
 test-openresty: luajit

@@ -1,6 +1,6 @@
 -- Service-side SAS checks and shared access policies (hub-behavior.md §7). Every failure
 -- is the same 401 to the client ("Unauthorized", as the real hub says); the reason goes
--- to the nginx error log and never contains a key or a signature.
+-- to the nginx error log and into the error's info, and never contains a key or a signature.
 --
 -- Policies: the hub's default set (iothubowner, service, device, registryRead,
 -- registryReadWrite) with well-known development keys. iothubowner's primary key is the
@@ -211,9 +211,29 @@ end
 ---------------------------------------------------------------------------
 -- Token checks
 
--- Field value exactly as written in the token (the signature covers se's text).
-local function raw_field(token, name)
-  return token:match("[%s&]" .. name .. "=([^&]*)")
+-- Token fields exactly as written, by name (the signature covers se's and sr's text). Only
+-- called on a header core.parse_sas_token accepted: "SharedAccessSignature " then key=value
+-- fields separated by '&', each key once. Splitting the same way as that parser matters: a
+-- pattern search could find "se=" inside another field's value and check the signature
+-- against a different expiry than the one tested.
+local function raw_fields(header)
+  local out = {}
+  for field in header:sub(#"SharedAccessSignature " + 1):gmatch("[^&]+") do
+    local k, v = field:match("^([^=]*)=(.*)$")
+    if k then out[k] = v end
+  end
+  return out
+end
+
+-- Text from a token for a log line or an error, only when it looks like what it should be;
+-- otherwise a description of it. Never the signature, and never long.
+local function shown(value, pattern, max, what)
+  if #value <= max and value:match(pattern) then return "'" .. value .. "'" end
+  return "(" .. #value .. " bytes, not a " .. what .. ")"
+end
+
+local function policy_text(name)
+  return shown(name, "^[%w%-%._]+$", 64, "policy name")
 end
 
 -- True when sr names the hub itself or a path-segment prefix of the requested resource.
@@ -224,40 +244,60 @@ local function scope_ok(sr, path)
   return target:sub(1, #sr + 1) == sr .. "/"
 end
 
--- Returns true, policy name; or nil and the reason the request is not authorized.
+-- The longest lifetime a token may have: ten years, the maximum the service supports
+-- (an Azure IoT SDK maintainer in Azure/azure-iot-sdk-c#714).
+M.MAX_LIFETIME = 3652.5 * 86400
+local SIG_BYTES = 32 -- HMAC-SHA256
+
+-- Returns true, policy name; or nil and the reason the request is not authorized (for the
+-- log and the error's info: it names what is wrong and never holds a key or a signature).
 -- method (default: the current nginx request's method) selects the rights the request
 -- needs (M.permission_for); path is the decoded request path.
 function M.check(header, path, now, method)
-  if type(header) == "table" then header = header[1] end
+  if type(header) == "table" then
+    return nil, #header .. " Authorization headers; send exactly one"
+  end
   if type(header) ~= "string" or header == "" then
     return nil, "no Authorization header"
   end
   local tok, perr = core.parse_sas_token(header)
   if not tok then return nil, perr end
-  local policy = settings.policies[tok.skn or ""]
+  if not tok.skn or tok.skn == "" then
+    return nil, "the token has no skn field: service tokens name their shared access policy"
+  end
+  local policy = settings.policies[tok.skn]
   if not policy then
-    return nil, "policy '" .. tostring(tok.skn) .. "' is not configured (skn)"
+    return nil, "policy " .. policy_text(tok.skn) .. " is not configured (skn)"
   end
   now = now or (util.real_now or util.now)() -- clients sign with their own (real) clock
-  local se = tonumber(tok.se)
-  if not se then return nil, "se is not a number" end
+  local se = tok.se
   if se + MAX_CLOCK_SKEW < now then
-    return nil, string.format("token expired %d s ago", math.floor(now - se))
+    return nil, string.format("token expired %d s ago (se %d)", math.floor(now - se), se)
+  end
+  if se > now + M.MAX_LIFETIME then
+    return nil, string.format("token expires in %d days (se %d); the hub accepts at most 10 years",
+      math.floor((se - now) / 86400), se)
   end
   if not scope_ok(tok.sr, path) then
-    return nil, "sr '" .. tok.sr .. "' does not cover " .. settings.host .. (path or "")
+    return nil, "sr " .. shown(tok.sr, "^[%w%-%._:/]+$", 256, "host name or path") .. " does not cover "
+      .. settings.host .. (path or ""):sub(1, 200)
+  end
+  local sig = core.base64_decode(tok.sig)
+  if not sig or #sig ~= SIG_BYTES then
+    return nil, "sig is not the base64 of a " .. SIG_BYTES .. "-byte HMAC-SHA256 (" .. #tok.sig .. " characters)"
   end
   -- Peers differ in whether sr is URL-encoded before signing; all are accepted by the
   -- real service, so accept the encoded, decoded and as-written forms.
-  local se_text = raw_field(header, "se") or tostring(tok.se)
+  local raw = raw_fields(header)
   local forms, seen = {}, {}
-  for _, f in ipairs({ core.url_encode(tok.sr), tok.sr, raw_field(header, "sr") }) do
+  for _, f in ipairs({ core.url_encode(tok.sr), tok.sr, raw.sr }) do
     if f and not seen[f] then seen[f] = true; forms[#forms + 1] = f end
   end
   local signed = false
   for _, key in ipairs(policy.raw) do
     for _, form in ipairs(forms) do
-      local expected = core.base64_encode(core.hmac_sha256(key, form .. "\n" .. se_text))
+      -- compared as text, as the service does: another spelling of the same bytes is refused
+      local expected = core.base64_encode(core.hmac_sha256(key, form .. "\n" .. raw.se))
       if core.constant_time_equals(expected, tok.sig) then signed = true; break end
     end
     if signed then break end
@@ -269,7 +309,7 @@ function M.check(header, path, now, method)
   if method then
     local need = M.permission_for(method, path)
     if not allowed(policy.rights, need) then
-      return nil, "policy '" .. tok.skn .. "' lacks the rights for " .. method .. " " .. tostring(path)
+      return nil, "policy '" .. tok.skn .. "' lacks the rights for " .. method .. " " .. tostring(path):sub(1, 200)
         .. " (needs " .. describe(need) .. ")"
     end
   end

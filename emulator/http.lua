@@ -13,6 +13,7 @@ local query = require "emulator.query"
 local devices_file = require "emulator.devices_file"
 local control = require "emulator.control"
 local store = require "emulator.store"
+local limits = require "emulator.limits"
 
 local core = util.core
 local M = {}
@@ -55,6 +56,7 @@ function M.init(opts)
   local ok, err = jobs.configure({ rate = opts.job_rate, queue_delay = opts.queue_delay,
     max_active = opts.max_active_jobs, tier = opts.tier })
   if not ok then error(err, 0) end
+  limits.configure({ client_timeout = opts.client_timeout })
   settings.devices = opts.devices
   settings.instance = opts.instance ~= "" and opts.instance or nil
   seed_devices()
@@ -135,22 +137,14 @@ local function send_error(err)
 end
 M.send_error = send_error
 
-local function read_body()
-  ngx.req.read_body()
-  local data = ngx.req.get_body_data()
-  if not data then
-    local path = ngx.req.get_body_file()
-    if path then
-      local f = io.open(path, "rb")
-      if f then data = f:read("*a"); f:close() end
-    end
-  end
-  return data
-end
-
 -- Returns the decoded JSON body, nil for an empty optional body, or raises an error object.
-local function json_body(required)
-  local data = read_body()
+-- max_bytes: a smaller limit than nginx's for this route, checked before decoding.
+local function json_body(required, max_bytes)
+  local data = limits.read_body()
+  if max_bytes and data and #data > max_bytes then
+    error(errors.new("MessageTooLarge", "The request body is " .. #data .. " bytes; this route accepts at most "
+      .. max_bytes .. "."), 0)
+  end
   if not data or data:match("^%s*$") then
     if required then error(errors.new("ArgumentNull", "The request body is empty."), 0) end
     return nil
@@ -213,8 +207,10 @@ end
 
 local H = {}
 
+-- connections: the client connections nginx holds open right now (idle ones too).
 function H.health()
-  send(200, { status = "ok", devices = #registry.list(), instance = settings.instance })
+  send(200, { status = "ok", devices = #registry.list(), instance = settings.instance,
+    connections = tonumber(ngx.var.connections_active) })
 end
 
 -- Device identities carry their etag in an ETag header too (If-Match for updates).
@@ -261,7 +257,7 @@ function H.invoke_method(req)
 end
 
 function H.query_devices(req)
-  local body = json_body(true)
+  local body = json_body(true, query.MAX_BODY_BYTES)
   if not util.is_object(body) or type(body.query) ~= "string" then
     error(errors.new("ArgumentInvalid", "The body must be {\"query\": \"SELECT ...\"}."), 0)
   end
@@ -392,7 +388,7 @@ local function dispatch(rec)
   end
   rec.route = route[2]
   rec.skip = route[4] or route[5] -- health and control routes stay out of the request log
-  local headers = ngx.req.get_headers(100)
+  local headers = limits.request_headers()
   local request_id = headers["request-id"] or headers["x-ms-client-request-id"]
   if type(request_id) == "table" then request_id = request_id[1] end
   rec.requestId = request_id
@@ -405,8 +401,8 @@ local function dispatch(rec)
     -- real time: clients sign with their own clock, whatever /_emulator/clock says
     local ok, why = auth.check(headers["authorization"], ngx.var.uri, util.real_now(), method)
     if not ok then
-      ngx.log(ngx.WARN, "401 for ", method, " ", raw_path, ": ", why)
-      error(errors.new("IotHubUnauthorizedAccess", "Unauthorized"), 0)
+      ngx.log(ngx.WARN, "401 for ", method, " ", raw_path:sub(1, 200), ": ", why)
+      error(errors.new("IotHubUnauthorizedAccess", "Unauthorized", { reason = why }), 0)
     end
   end
   local args = ngx.req.get_uri_args(100)
@@ -430,12 +426,7 @@ end
 -- error_page target (/_emulator/refused/<status>, internal) for requests nginx refuses
 -- before Lua runs.
 function M.refused()
-  local status = tonumber(ngx.var.uri:match("(%d+)$")) or 400
-  if status == 413 then
-    send_error(errors.new("MessageTooLarge", "The request body is larger than the emulator accepts (4 MB)."))
-  else
-    send_error(errors.new("GenericBadRequest", "The request line or URI is malformed (HTTP " .. status .. ")."))
-  end
+  send_error(limits.refusal(tonumber(ngx.var.uri:match("(%d+)$")) or 400))
 end
 
 function M.handle()
@@ -459,6 +450,10 @@ function M.handle()
   end
   -- closes the connection: without an answer, or after a faulted one written on the raw socket
   if rec.drop or rec.mangled and ngx.ctx.closed then return ngx.exit(444) end
+  if not ok and err.close then -- answered, but what follows on this connection is not a request
+    ngx.flush(true)
+    return ngx.exit(444)
+  end
 end
 
 return M

@@ -15,6 +15,10 @@ local core = require "iothub.core"
 local M = {}
 
 M.MAX_LENGTH = core.query_max_length
+-- The largest POST /devices/query body a query of MAX_LENGTH characters needs, each written
+-- as a JSON escape pair (12 bytes), with room for whitespace: larger bodies are refused
+-- before they are decoded.
+M.MAX_BODY_BYTES = 16 * M.MAX_LENGTH
 
 local function plan_of(compiled, err)
   if not compiled then return nil, err end

@@ -54,7 +54,8 @@ end
 -- text of a devices file, written into the temp dir), dir (a kept --dir; default: <tmp>/dir of
 -- a fresh temp dir), args (extra launcher flags), temp_dir (true: no --dir at all, so nothing
 -- persists), https (true: HTTPS too, on the port after the HTTP one), ready_timeout (seconds,
--- default 10).
+-- default 10), env (name -> value: environment variables for the launcher, such as
+-- IOTHUB_EMU_CLIENT_TIMEOUT).
 -- Not started yet: emu:start() launches it (and again after emu:stop()).
 function M.new(opts)
   return setmetatable({ opts = opts or {} }, Emu)
@@ -122,7 +123,13 @@ function Emu:start()
     self.out = self.tmp .. "/launcher." .. port .. ".out"
     self.rc_file = self.tmp .. "/launcher." .. port .. ".rc"
     local pid_file = self.tmp .. "/launcher." .. port .. ".pid"
-    local cmd = { RESET_INT .. shell.quote(M.ROOT .. "/bin/iothub-emulator"), "--http-port", port,
+    local env = {}
+    for name, value in pairs(opts.env or {}) do
+      assert(name:match("^[%a_][%w_]*$"), "bad environment variable name " .. name)
+      env[#env + 1] = name .. "=" .. shell.quote(value) .. " "
+    end
+    table.sort(env)
+    local cmd = { table.concat(env) .. RESET_INT .. shell.quote(M.ROOT .. "/bin/iothub-emulator"), "--http-port", port,
       "--https-port", self.https_port or 0 }
     if devices then cmd[#cmd + 1] = "--devices " .. shell.quote(devices) end
     if self.dir then cmd[#cmd + 1] = "--dir " .. shell.quote(self.dir) end
