@@ -107,7 +107,9 @@ function M.render(opts)
     "  lingering_timeout " .. math.min(5000, client_ms) .. "ms;",
     "  keepalive_timeout " .. limits.keepalive_timeout .. "s;",
     "  keepalive_requests 10000;",
-    "  reset_timedout_connection on;  # a timed-out client gets a reset, its buffers freed at once",
+    -- Off: it would also turn every 444 into a reset, and the fault controls' dropped and cut
+    -- answers must end with a clean close, as a peer that hangs up does.
+    "  reset_timedout_connection off;",
     "  lua_package_path " .. nq(root .. "/?.lua;;") .. ";",
     "  lua_package_cpath " .. nq(root .. "/build/luajit/?.so;;") .. ";",
     "  lua_max_pending_timers 16384;",
