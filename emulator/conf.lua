@@ -21,7 +21,8 @@ end
 
 -- opts: root, dir, http_port, https_port (0 = off), host, key, policy, devices, log,
 --       cert, cert_key, as_root, ipv6, job_rate, queue_delay, max_active_jobs, tier, policies_spec, instance,
---       state_dir (persistence; nil = in memory only), modules
+--       state_dir (persistence; nil = in memory only), modules, sandbox_memory,
+--       sandbox_instructions, sandbox_seconds (the --sandbox-* flags' text; "" = not given)
 function M.render(opts)
   local dir, root = opts.dir, opts.root
   local modules = opts.modules or MODULES
@@ -43,6 +44,9 @@ function M.render(opts)
     "policies_spec = " .. lq(opts.policies_spec or ""),
     "instance = " .. lq(opts.instance or ""),
     "state_dir = " .. lq(opts.state_dir or ""),
+    "sandbox_memory = " .. lq(opts.sandbox_memory or ""),
+    "sandbox_instructions = " .. lq(opts.sandbox_instructions or ""),
+    "sandbox_seconds = " .. lq(opts.sandbox_seconds or ""),
   }
   -- Requests nginx itself refuses (a malformed URI, a body over the limit) still get the hub's
   -- error envelope rather than nginx's HTML page.
@@ -112,6 +116,8 @@ function M.from_env()
     cert = env("CERT"), cert_key = env("CERT_KEY"), as_root = env("AS_ROOT") == "1", ipv6 = env("IPV6") == "1",
     job_rate = env("JOB_RATE"), queue_delay = env("QUEUE_DELAY"), max_active_jobs = env("MAX_ACTIVE_JOBS"),
     tier = env("TIER"), policies_spec = env("POLICIES"), instance = env("INSTANCE"), state_dir = env("STATE_DIR"),
+    sandbox_memory = env("SANDBOX_MEMORY"), sandbox_instructions = env("SANDBOX_INSTRUCTIONS"),
+    sandbox_seconds = env("SANDBOX_SECONDS"),
   })
 end
 
