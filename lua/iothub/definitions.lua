@@ -18,9 +18,9 @@
 --
 -- The file can use `job`, `ids(format, first, last)`, `json_file(path)`, `null`, `array`,
 -- `string`, `table`, `math`, `os.time`, `os.date` and the basic functions; nothing else.
--- It runs under the C core's sandbox limits (memory, instructions, seconds: csrc/sandbox.c),
--- by default 256 MB, 500,000,000 instructions and 10 s; `opts.limits` (from
--- core.sandbox_limits) changes them, and without it the IOTHUB_SANDBOX_* variables do.
+-- It runs under the C core's sandbox limits (memory, instructions, seconds, and their defaults:
+-- csrc/sandbox.c); `opts.limits` (from core.sandbox_limits) changes them, and without it the
+-- IOTHUB_SANDBOX_* variables do.
 -- @module iothub.definitions
 local core = require "iothub.core"
 local JobClient = require "iothub.jobs"
