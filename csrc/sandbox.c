@@ -1,7 +1,8 @@
 /* sandbox.c: runs untrusted Lua (definitions files, devices files and their handlers) under
  * three limits that each fire:
  *   memory        net bytes allocated while the sandbox is active, enforced by wrapping the
- *                 state's allocator (allocations past the cap are refused);
+ *                 state's allocator (allocations past the cap are refused); a run starts
+ *                 with a full collection, so freeing older garbage does not count for it;
  *   instructions  VM instructions executed, counted by a count hook;
  *   seconds       wall-clock time, checked against a monotonic clock from the hook and from
  *                 the allocator (so it also fires when each instruction does a lot of work).
@@ -604,6 +605,8 @@ static int l_run(lua_State *L) {
   for (i = 0; i < nargs; i++) lua_pushvalue(L, 3 + i);
   lua_xmove(L, co, nargs + 1);
 
+  /* Garbage from before would be freed on the file's account and let it use more. */
+  lua_gc(L, LUA_GCCOLLECT, 0);
   enter(L, co, &sb);
 #if LUA_VERSION_NUM >= 504
   status = lua_resume(co, L, nargs, &nres);

@@ -100,16 +100,28 @@ describe("sandbox runner", function()
     collectgarbage()
   end)
 
-  it("keeps the hook that was set before it", function()
+  it("does not let the file use the room of garbage made before it ran", function()
+    collectgarbage("stop")
+    for i = 1, 64 do local _ = string.rep("g", MB) .. i end
+    collectgarbage("restart")
+    -- 24 MB kept: over the cap, however much older garbage the collector frees meanwhile
+    local ok, message, code = run("local t = {}\nfor i = 1, 24 do t[i] = string.rep('x', 1e6) .. i end\nreturn #t\n",
+      { memory = 16 * MB })
+    assert.is_nil(ok)
+    assert.equal("memory", code, message)
+  end)
+
+  it("keeps the hook that was set before it, after a run that ends well or not", function()
     local hook = function() end
-    debug.sethook(hook, "", 1e9)
-    local ok = run("local n = 0\nfor i = 1, 1e5 do n = n + i end\nreturn n\n")
-    local f, mask, count = debug.gethook()
-    debug.sethook()
-    assert.is_true(ok)
-    assert.equal(hook, f)
-    assert.equal("", mask)
-    assert.equal(1e9, count)
+    for _, src in ipairs({ "local n = 0\nfor i = 1, 1e5 do n = n + i end\nreturn n\n", "while true do end" }) do
+      debug.sethook(hook, "", 1e9)
+      run(src, { instructions = 1e6 })
+      local f, mask, count = debug.gethook()
+      debug.sethook()
+      assert.equal(hook, f)
+      assert.equal("", mask)
+      assert.equal(1e9, count)
+    end
   end)
 
   it("refuses a file that yields, and bytecode", function()
