@@ -36,8 +36,8 @@ local function lua_process(code, env)
   local prelude = ("package.path = %q .. package.path; package.cpath = %q .. package.cpath"):format(
     ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;" .. ROOT .. "/?.lua;",
     ROOT .. "/build/" .. (jit and "luajit" or "5.4") .. "/?.so;")
-  return shell.run('[ -n "${LD_PRELOAD:-}" ] || ulimit -v 2000000; ' .. (env or "") .. " " .. INTERPRETER .. " -e " .. shell.quote(prelude) ..
-    " -e " .. shell.quote(code))
+  return shell.run('[ -n "${LD_PRELOAD:-}" ] || ulimit -v 2000000; ' .. (env or "") .. " " .. INTERPRETER ..
+    " -e " .. shell.quote(prelude) .. " -e " .. shell.quote(code))
 end
 
 -- The peak resident set size a lua_process printed as "maxrss=<KiB>".
