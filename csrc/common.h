@@ -48,5 +48,6 @@ int validate_open(lua_State *L); /* validate.c: job ids, query conditions, prope
 int request_open(lua_State *L);  /* request.c: URL, headers and job request bodies */
 int policy_open(lua_State *L);   /* policy.c: retry backoff and monitor decisions */
 int query_open(lua_State *L);    /* query.c: the IoT Hub query language (after json_open) */
+int sandbox_open(lua_State *L);  /* sandbox.c: memory, instruction and time limits for untrusted Lua */
 
 #endif

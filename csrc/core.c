@@ -13,6 +13,7 @@ int luaopen_iothub_core(lua_State *L) {
   request_open(L);
   policy_open(L);
   query_open(L);
+  sandbox_open(L);
   lua_pushliteral(L, IOTHUB_CORE_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

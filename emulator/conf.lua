@@ -36,7 +36,8 @@ end
 
 -- opts: root, dir, http_port, https_port (0 = off), host, key, policy, devices, log,
 --       cert, cert_key, as_root, ipv6, job_rate, queue_delay, max_active_jobs, tier, policies_spec, instance,
---       state_dir (persistence; nil = in memory only), modules, client_timeout (seconds)
+--       state_dir (persistence; nil = in memory only), modules, client_timeout (seconds), sandbox_memory,
+--       sandbox_instructions, sandbox_seconds (the --sandbox-* flags' text; "" = not given)
 function M.render(opts)
   local dir, root = opts.dir, opts.root
   local limits = M.LIMITS
@@ -61,6 +62,9 @@ function M.render(opts)
     "instance = " .. lq(opts.instance or ""),
     "state_dir = " .. lq(opts.state_dir or ""),
     "client_timeout = " .. lq(client_timeout),
+    "sandbox_memory = " .. lq(opts.sandbox_memory or ""),
+    "sandbox_instructions = " .. lq(opts.sandbox_instructions or ""),
+    "sandbox_seconds = " .. lq(opts.sandbox_seconds or ""),
   }
   -- Requests nginx itself refuses (a malformed request, a URI or headers over the limits (494),
   -- a body over the limit) still get the hub's error envelope rather than nginx's HTML page.
@@ -163,6 +167,8 @@ function M.from_env()
     job_rate = env("JOB_RATE"), queue_delay = env("QUEUE_DELAY"), max_active_jobs = env("MAX_ACTIVE_JOBS"),
     tier = env("TIER"), policies_spec = env("POLICIES"), instance = env("INSTANCE"), state_dir = env("STATE_DIR"),
     client_timeout = env("CLIENT_TIMEOUT"),
+    sandbox_memory = env("SANDBOX_MEMORY"), sandbox_instructions = env("SANDBOX_INSTRUCTIONS"),
+    sandbox_seconds = env("SANDBOX_SECONDS"),
   })
 end
 

@@ -4,7 +4,10 @@
 --                   offline=, onlineAfter=, latency=, failureRate=, failure= } },
 --     fleets  = { { count=, id="door-%03d" | fn(i), start=1, ...the same fields } } }
 -- and turns it into registry definitions (registry.add). Handlers are plain functions (or a
--- built-in's name: DESIRED_HANDLERS); methods.lua calls them and applies the knobs. Fields
+-- built-in's name: DESIRED_HANDLERS); methods.lua calls them and applies the knobs. The file
+-- and everything it runs while loading (its fleets' functions too) run under the C core's
+-- sandbox limits (csrc/sandbox.c: memory, instructions, seconds); its handlers run under the
+-- same limits at request time (methods.lua), each stretch between two ctx.sleep calls. Fields
 -- other than id, count, start, methods and onDesired may be function(i, id) returning the
 -- value (i is nil for entries of `devices`). Randomness (knobs, offline fractions, the
 -- file's math.random) comes from seeded streams, so a run is reproducible: the same seed
@@ -14,6 +17,8 @@ local registry = require "emulator.registry"
 
 local core = util.core
 local M = {}
+
+local LIMIT_NAME = "devices-file" -- "(the devices-file limit)" in a limit's message
 
 ---------------------------------------------------------------------------
 -- Seeded random streams (Park-Miller "minimal standard", multiplier 48271). The state
@@ -70,7 +75,19 @@ local function sandbox()
   local env = {
     assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, pcall = pcall,
     select = select, tonumber = tonumber, tostring = tostring, type = type, unpack = unpack or rawget(table, "unpack"),
-    setmetatable = setmetatable, getmetatable = getmetatable, rawget = rawget, rawset = rawset,
+    -- No finalizers (Lua 5.4 would run them later, outside the limits) and no way to reach the
+    -- strings' metatable, which the whole emulator shares.
+    setmetatable = function(t, mt)
+      if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+        error("setmetatable: __gc is not available in a devices file", 2)
+      end
+      return setmetatable(t, mt)
+    end,
+    getmetatable = function(v)
+      if type(v) == "string" then return nil end
+      return getmetatable(v)
+    end,
+    rawget = rawget, rawset = rawset,
     string = copy(string), table = copy(table), math = math_copy,
     os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime },
     print = function(...)
@@ -81,15 +98,6 @@ local function sandbox()
   }
   env._G = env
   return env
-end
-
-local function compile(src, name, env)
-  if setfenv then -- LuaJIT / 5.1
-    local fn, err = loadstring(src, name)
-    if not fn then return nil, err end
-    return setfenv(fn, env)
-  end
-  return load(src, name, "t", env)
 end
 
 ---------------------------------------------------------------------------
@@ -197,12 +205,13 @@ end
 
 -- The simulation shared by an entry's devices (handlers and knobs; each device draws from
 -- its own streams, made by methods.lua from sim.seed and its id).
-local function entry_sim(e, knobs, seed)
+-- box: the limits its handlers run under (methods.lua).
+local function entry_sim(e, knobs, seed, box)
   return { methods = e.methods or {}, onDesired = DESIRED_HANDLERS[e.onDesired] or e.onDesired, latency = knobs.latency,
-    failureRate = knobs.failureRate or 0, failure = knobs.failure or "error", seed = seed }
+    failureRate = knobs.failureRate or 0, failure = knobs.failure or "error", seed = seed, sandbox = box }
 end
 
-local function make_def(e, static, id, i, where, seed)
+local function make_def(e, static, id, i, where, seed, box)
   local problem = registry.device_id_problem(id)
   if problem then return nil, where .. ": '" .. tostring(id) .. "': " .. problem end
   local v = static
@@ -227,9 +236,9 @@ local function make_def(e, static, id, i, where, seed)
   end
   local sim
   if static.dynamic_knobs then
-    sim = entry_sim(e, v, seed)
+    sim = entry_sim(e, v, seed, box)
   else
-    sim = static.sim or entry_sim(e, static, seed)
+    sim = static.sim or entry_sim(e, static, seed, box)
     static.sim = sim
   end
   return {
@@ -241,14 +250,9 @@ end
 
 local TOP = { seed = 1, devices = 1, fleets = 1 }
 
--- Evaluates src (the file's text); returns a list of definitions or nil, message.
-function M.from_string(src, name)
+-- The definitions the file's result describes, or nil, message (its functions run here too).
+local function expand(spec, box)
   local seed = 1
-  local env = sandbox()
-  local fn, err = compile(src, "@" .. (name or "devices"), env)
-  if not fn then return nil, err end
-  local ok, spec = pcall(fn)
-  if not ok then return nil, tostring(spec) end
   if type(spec) ~= "table" then return nil, "the devices file must return a table { devices = ..., fleets = ... }" end
   for k in pairs(spec) do
     if not TOP[k] then return nil, "unknown top-level field '" .. tostring(k) .. "' (use seed, devices, fleets)" end
@@ -274,7 +278,7 @@ function M.from_string(src, name)
     local static, cerr = check_entry(e, where)
     if not static then return nil, cerr end
     if e.count ~= nil or e.start ~= nil then return nil, where .. ": count/start belong in fleets" end
-    local def, derr = make_def(e, static, e.id, nil, where, seed)
+    local def, derr = make_def(e, static, e.id, nil, where, seed, box)
     if not def then return nil, derr end
     local added, aerr = add(def)
     if not added then return nil, aerr end
@@ -302,7 +306,7 @@ function M.from_string(src, name)
         okf, id = pcall(string.format, pattern, n)
       end
       if not okf then return nil, where .. ".id: " .. tostring(id) end
-      local def, derr = make_def(f, static, id, n, where, seed)
+      local def, derr = make_def(f, static, id, n, where, seed, box)
       if not def then return nil, derr end
       local added, aerr = add(def)
       if not added then return nil, aerr end
@@ -311,12 +315,60 @@ function M.from_string(src, name)
   return defs
 end
 
-function M.load(path)
+-- Evaluates src (the file's text) under the sandbox limits. Returns a list of definitions, or
+-- nil and a message that starts with the file's name ("name:line: what" when the line is known).
+-- opts: { limits = core.sandbox_limits(...) } (default: the IOTHUB_SANDBOX_* variables, else
+-- the defaults).
+function M.from_string(src, name, opts)
+  name = name or "devices"
+  local limits = opts and opts.limits
+  if not limits then
+    local why
+    limits, why = core.sandbox_limits()
+    if not limits then return nil, name .. ": " .. why end
+  end
+  local chunkname = "@" .. name
+  local fn, err = core.sandbox_load(src, chunkname, sandbox())
+  if not fn then return nil, err end
+  -- The limits its handlers get (methods.lua), and the load's own.
+  local box = { memory = limits.memory, instructions = limits.instructions, seconds = limits.seconds,
+    name = LIMIT_NAME, source = chunkname, subject = "handler" }
+  local ok, defs, problem = core.sandbox_run(function() return expand(fn(), box) end,
+    setmetatable({ subject = "file" }, { __index = box }))
+  if not ok then return nil, defs end
+  if not defs then return nil, name .. ": " .. problem end
+  return defs
+end
+
+-- opts: as from_string's, and name (what messages call the file; default path).
+function M.load(path, opts)
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
   local src = f:read("*a")
   f:close()
-  return M.from_string(src, path)
+  return M.from_string(src, opts and opts.name or path, opts)
+end
+
+-- bin/iothub-emulator checks the devices file with this before it starts nginx: the same
+-- loader under the same limits, so a bad file is refused at once with "file:line: what".
+-- Reads IOTHUB_EMU_DEVICES (the file), IOTHUB_EMU_DEVICES_SHOWN (its name in messages) and
+-- IOTHUB_EMU_SANDBOX_MEMORY/_INSTRUCTIONS/_SECONDS (the launcher's --sandbox-* flags); prints
+-- the problem on stderr. Returns the exit code: 0 (fine) or 2.
+function M.check_from_env(getenv)
+  getenv = getenv or os.getenv
+  local function flag(name) local v = getenv("IOTHUB_EMU_SANDBOX_" .. name); if v ~= "" then return v end end
+  local limits, why = core.sandbox_limits({ memory = flag("MEMORY"), instructions = flag("INSTRUCTIONS"),
+    seconds = flag("SECONDS") })
+  local defs
+  if limits then
+    util.set_log_path("/dev/null") -- the file's print() shows once, from nginx
+    local path = getenv("IOTHUB_EMU_DEVICES")
+    local shown = getenv("IOTHUB_EMU_DEVICES_SHOWN") or path
+    defs, why = M.load(path, { name = shown ~= "" and shown or path, limits = limits })
+  end
+  if defs then return 0 end
+  io.stderr:write("iothub-emulator: ", tostring(why), "\n")
+  return 2
 end
 
 return M

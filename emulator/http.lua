@@ -24,8 +24,8 @@ local settings = { max_page = 1000, default_page = 100, devices = nil }
 local function seed_devices()
   local path = settings.devices
   if not path or path == "" then return end
-  local defs, err = devices_file.load(path)
-  if not defs then error("devices file " .. path .. ": " .. tostring(err), 0) end
+  local defs, err = devices_file.load(path, { limits = settings.sandbox })
+  if not defs then error("devices file " .. tostring(err), 0) end
   for _, def in ipairs(defs) do assert(registry.add(def)) end
   util.log("hub", string.format("%d simulated device(s) from %s", #defs, path))
 end
@@ -59,7 +59,17 @@ function M.init(opts)
   limits.configure({ client_timeout = opts.client_timeout })
   settings.devices = opts.devices
   settings.instance = opts.instance ~= "" and opts.instance or nil
-  seed_devices()
+  local why
+  settings.sandbox, why = core.sandbox_limits({ memory = opts.sandbox_memory, instructions = opts.sandbox_instructions,
+    seconds = opts.sandbox_seconds })
+  if not settings.sandbox then error(why, 0) end
+  local seeded, problem = pcall(seed_devices)
+  if not seeded then
+    -- A bad devices file ends the start with its message alone, not nginx's traceback (the
+    -- launcher checks the file first, so this is for a file changed in between).
+    io.stderr:write("iothub-emulator: ", tostring(problem), "\n")
+    os.exit(2)
+  end
   setup_store(opts.state_dir)
 end
 

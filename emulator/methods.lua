@@ -4,6 +4,14 @@
 --   function(payload, ctx) return status, payload end
 -- ctx: deviceId, methodName, log(fmt, ...), json(v), twin(), report(patch), sleep(s), now(),
 --      random(), disconnect([seconds]).
+-- A devices file's handlers run under the file's sandbox limits (csrc/sandbox.c sessions):
+-- every stretch of a handler between two ctx.sleep calls (from its start to the first, from
+-- the last to its return) may allocate at most the memory limit and run at most the
+-- instruction and seconds limits, so a handler that loops without sleeping fails with
+-- "file:line: the handler ran too long ..." instead of holding the nginx worker for ever.
+-- Not limited: the total of a handler that sleeps in between (a method handler is abandoned at
+-- its responseTimeoutInSeconds; an onDesired handler may run on), memory kept across sleeps,
+-- and the emulator's own work for ctx.log/twin/report (its memory counts, its time too).
 local util = require "emulator.util"
 local errors = require "emulator.errors"
 local registry = require "emulator.registry"
@@ -79,6 +87,20 @@ local function stream(dev, purpose)
   return s
 end
 
+-- Runs f(...) (the emulator's own work for a handler) with the handler's limits paused, so
+-- that nothing is refused or stopped half-way; returns its first two results.
+local function outside(ctx, f, ...)
+  local session = ctx._session
+  if not session then return f(...) end
+  session:pause()
+  local ok, a, b = pcall(f, ...)
+  session:enter()
+  if not ok then error(a, 0) end
+  return a, b
+end
+
+local function twin_copy(dev) return util.deepcopy(registry.twin_doc(dev)) end
+
 function M.make_ctx(dev, method_name)
   local clock = registry.clock
   local ctx
@@ -87,18 +109,28 @@ function M.make_ctx(dev, method_name)
     methodName = method_name,
     log = function(fmt, ...)
       local msg = select("#", ...) > 0 and string.format(fmt, ...) or tostring(fmt)
-      util.log(dev.id, msg)
+      outside(ctx, util.log, dev.id, msg)
     end,
     json = function(v)
       local s = util.json_encode(util.jsonify(v))
       return s or tostring(v)
     end,
-    twin = function() return util.deepcopy(registry.twin_doc(dev)) end,
+    twin = function() return (outside(ctx, twin_copy, dev)) end,
     report = function(patch)
-      local ok, err = registry.report(dev, util.jsonify(patch))
+      local ok, err = outside(ctx, registry.report, dev, util.jsonify(patch))
       if not ok then error("ctx.report: " .. tostring(err), 2) end
     end,
-    sleep = function(s) clock.sleep(s) end,
+    -- A sleep yields (under nginx): the limits are left before it, and a new stretch begins
+    -- after it. A handler whose limit fired does not sleep; it stops at its next instruction.
+    sleep = function(s)
+      local session = ctx._session
+      if not session then return clock.sleep(s) end
+      local ok, err = true, nil
+      if session:leave() then ok, err = pcall(clock.sleep, s) end
+      session:restart()
+      session:enter()
+      if not ok then error(err, 2) end
+    end,
     now = function() return clock.now() end,
     random = function() return stream(dev, "user")() end,
     -- Goes offline once the handler returns (the caller still gets this answer), and
@@ -111,6 +143,21 @@ function M.make_ctx(dev, method_name)
     end,
   }
   return ctx
+end
+
+-- Calls a handler fn(arg, ctx) like pcall, under its devices file's limits (dev.sim.sandbox;
+-- handlers added without a devices file have none). A limit that fired gives false, message.
+local function run_handler(dev, fn, arg, ctx)
+  local box = dev.sim and dev.sim.sandbox
+  if not box then return pcall(fn, arg, ctx) end
+  local session = util.core.sandbox_session(box)
+  ctx._session = session
+  session:enter()
+  local ok, a, b = pcall(fn, arg, ctx)
+  local fine, why = session:leave()
+  ctx._session = nil
+  if not fine then return false, why end
+  return ok, a, b
 end
 
 local function apply_disconnect(dev, ctx)
@@ -225,7 +272,7 @@ function M.invoke(dev, req, opts)
     end
     local handler = find_handler(sim.methods, name)
     if not handler then return true, 501, { message = "method not implemented" } end
-    return pcall(handler, util.deepcopy(req.payload), ctx)
+    return run_handler(dev, handler, util.deepcopy(req.payload), ctx)
   end
   local res = call_with_timeout(device_side, req.responseTimeoutInSeconds)
   apply_disconnect(dev, ctx)
@@ -260,7 +307,7 @@ function M.notify_desired(dev, patch)
     if dev.deleted or not registry.is_connected(dev) then return end
     dev.desired_delivered = math.max(dev.desired_delivered or 0, patch["$version"] or 0)
     local ctx = M.make_ctx(dev)
-    local ok, err = pcall(sim.onDesired, patch, ctx)
+    local ok, err = run_handler(dev, sim.onDesired, patch, ctx)
     if not ok then util.log(dev.id, "onDesired failed: " .. tostring(err)) end
     apply_disconnect(dev, ctx)
   end

@@ -18,6 +18,9 @@
 --
 -- The file can use `job`, `ids(format, first, last)`, `json_file(path)`, `null`, `array`,
 -- `string`, `table`, `math`, `os.time`, `os.date` and the basic functions; nothing else.
+-- It runs under the C core's sandbox limits (memory, instructions, seconds, and their defaults:
+-- csrc/sandbox.c); `opts.limits` (from core.sandbox_limits) changes them, and without it the
+-- IOTHUB_SANDBOX_* variables do.
 -- @module iothub.definitions
 local core = require "iothub.core"
 local JobClient = require "iothub.jobs"
@@ -32,7 +35,7 @@ M.MAX_STAGES = 20
 local LISTING_SELECT = "SELECT deviceId FROM devices WHERE "
 M.MAX_STAGED_QUERY_LENGTH = core.query_max_length - #LISTING_SELECT
 local HASH_KEY = "iothub-jobs definitions v1"
-local INSTRUCTION_LIMIT = 50000000 -- a definitions file that runs longer is stuck in a loop
+local LIMIT_NAME = "definitions-file" -- "(the definitions-file limit)" in a limit's message
 
 local unpack = table.unpack or unpack -- luacheck: ignore 143
 
@@ -507,11 +510,18 @@ local function dirname(path)
   return path:match("^(.*)/[^/]*$") or "."
 end
 
+local function copy(t)
+  local out = {}
+  for k, v in pairs(t) do out[k] = v end
+  return out
+end
+
 -- The sandbox the file runs in. Reading an unknown name is an error at its line (a typo
--- such as `jbo` would otherwise be a confusing "attempt to call a nil value").
+-- such as `jbo` would otherwise be a confusing "attempt to call a nil value"). The libraries
+-- are copies: a file that replaces string.format changes only its own.
 local function sandbox(declare, base_dir)
   local env = {
-    string = string, table = table, math = math,
+    string = copy(string), table = copy(table), math = copy(math),
     os = { time = os.time, date = os.date, clock = os.clock },
     pairs = pairs, ipairs = ipairs, next = next, select = select, type = type, tostring = tostring,
     tonumber = tonumber, error = error, assert = assert, pcall = pcall, unpack = unpack,
@@ -556,24 +566,13 @@ local function sandbox(declare, base_dir)
   })
 end
 
--- Runs chunk with an instruction budget, so a runaway loop is reported instead of hanging.
-local function run_limited(chunk)
-  -- LuaJIT runs no hooks inside compiled traces, and its hooks are global: interpret the
-  -- file's code and clear the hook afterwards.
-  if jit then jit.off(chunk, true) end
-  local co = coroutine.create(chunk)
-  debug.sethook(co, function() error("the file ran too long (an endless loop?)", 2) end, "", INSTRUCTION_LIMIT)
-  local ok, err = coroutine.resume(co)
-  debug.sethook(co)
-  if ok and coroutine.status(co) ~= "dead" then return nil, "the file must not yield" end
-  return ok, err
-end
-
 --- Loads definitions from Lua source. Returns { file=, jobs = { job... } } or nil, problems
 -- (an array of problems, each printing as "file:line: job 'x', field 'y': message").
 -- @param source the file's text
 -- @param file the name to report (and to resolve json_file paths against)
-function M.load_string(source, file)
+-- @param opts optional { limits = core.sandbox_limits(...) } (default: the IOTHUB_SANDBOX_*
+--   variables, else the defaults)
+function M.load_string(source, file, opts)
   file = file or "definitions"
   local problems = {}
   local function add(line, job, field, message)
@@ -597,16 +596,28 @@ function M.load_string(source, file)
     end
   end
 
-  local chunk, err = load(source, chunkname, "t", sandbox(declare, dirname(file)))
+  local limits = opts and opts.limits
+  if not limits then
+    local why
+    limits, why = core.sandbox_limits()
+    if not limits then
+      add(nil, nil, nil, why)
+      return nil, problems
+    end
+  end
+  local chunk, err = core.sandbox_load(source, chunkname, sandbox(declare, dirname(file)))
   if not chunk then
     local line, msg = tostring(err):match("^[^\n]-:(%d+): (.*)$")
     add(tonumber(line), nil, nil, "syntax error: " .. (msg or tostring(err)))
     return nil, problems
   end
-  local ok, run_err = run_limited(chunk)
+  local ok, run_err = core.sandbox_run(chunk, setmetatable({ name = LIMIT_NAME, source = chunkname },
+    { __index = limits }))
   if not ok then
-    local line, msg = tostring(run_err):match("^[^\n]-:(%d+): (.*)$")
-    add(tonumber(line), nil, nil, msg or tostring(run_err))
+    -- "file:line: what", or "file: what" when a limit fired where no line is known
+    local line, msg = run_err:match("^[^\n]-:(%d+): (.*)$")
+    if not line and run_err:sub(1, #file + 2) == file .. ": " then msg = run_err:sub(#file + 3) end
+    add(tonumber(line), nil, nil, msg or run_err)
     return nil, problems
   end
   if #decls == 0 then
@@ -667,8 +678,8 @@ function M.load_string(source, file)
   return { file = file, jobs = jobs }
 end
 
---- Loads a definitions file. Returns the definitions or nil, problems.
-function M.load(path)
+--- Loads a definitions file. Returns the definitions or nil, problems. opts: as load_string's.
+function M.load(path, opts)
   if type(path) ~= "string" then error("definitions.load: path must be a string", 2) end
   local source, err = M.read_file(path)
   if not source then
@@ -676,7 +687,7 @@ function M.load(path)
       or ("cannot read the file: " .. tostring(err))
     return nil, { setmetatable({ file = path, message = why }, Problem) }
   end
-  return M.load_string(source, path)
+  return M.load_string(source, path, opts)
 end
 
 M.JOB_FIELDS = JOB_FIELDS

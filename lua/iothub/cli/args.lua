@@ -89,11 +89,22 @@ local OUTPUT = {
   { "quiet", nil, kind = "flag", help = "no progress output" },
   { "help", "h", kind = "flag", help = "show this help" },
 }
--- plan and run: which jobs of a definitions file, and how device lists are split.
+-- A limit of the definitions file's sandbox (the knob's name, default and variable are the C
+-- core's); checked with the others when the file is loaded.
+local function sandbox_option(kind, arg, help)
+  local knob = core.sandbox_knobs[kind]
+  return { knob.flag:sub(3), nil, arg = arg, help = help .. " (default " .. knob.default_text .. "; also $" ..
+    knob.env .. ")" }
+end
+-- plan and run: which jobs of a definitions file, how device lists are split, and the limits
+-- the file runs under.
 local DEFINITIONS = {
   { "job", nil, arg = "NAME", kind = "list", repeatable = true, help = "only these jobs of the file" },
   { "max-condition-length", nil, arg = "N", kind = "int", min = 64, max = 8192,
     help = "split device lists into conditions of at most N characters (default 8192, the hub's limit)" },
+  sandbox_option("memory", "SIZE", "stop the definitions file when it has allocated SIZE, e.g. 512M or 2G"),
+  sandbox_option("instructions", "N", "stop the definitions file after N Lua instructions"),
+  sandbox_option("seconds", "SECONDS", "stop the definitions file after SECONDS of running"),
 }
 local WATCHING = {
   { "interval", nil, arg = "SECONDS", kind = "number", help = "seconds between polls (default 2)" },

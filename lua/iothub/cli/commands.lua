@@ -217,7 +217,11 @@ end
 
 -- Loads a definitions file and the --job selection; prints problems. Returns defs, only or nil, code.
 local function load_definitions(ctx)
-  local defs, problems = definitions.load(ctx.args[1])
+  local values = {}
+  for kind, knob in pairs(core.sandbox_knobs) do values[kind] = ctx.options[knob.flag:sub(3)] end
+  local limits, why = core.sandbox_limits(values, ctx.getenv)
+  if not limits then return nil, usage(ctx, why) end
+  local defs, problems = definitions.load(ctx.args[1], { limits = limits })
   if not defs then
     ctx.err:write(definitions.format(problems))
     ctx.err:write(("%s: %d problem(s) in %s; nothing was sent\n"):format(args.PROGRAM, #problems, ctx.args[1]))

@@ -46,7 +46,7 @@ function M.main(argv, io_opts)
 
   local o = parsed.options
   local ctx = {
-    command = parsed.command, options = o, args = parsed.args, out = out, err = err,
+    command = parsed.command, options = o, args = parsed.args, out = out, err = err, getenv = getenv,
     sleep = connection.interruptible_sleep,
     progress = Progress.new({ stream = err, mode = o.quiet and "off" or io_opts.progress }),
   }
