@@ -60,6 +60,7 @@ function M.render(opts)
     "pid " .. nq(dir .. "/nginx.pid") .. ";",
     "error_log " .. nq(dir .. "/logs/error.log") .. " notice;",
     "error_log stderr error;",
+    opts.state_dir and opts.state_dir ~= "" and "thread_pool iothub_store threads=1;  # emulator/checkpoint.lua" or "",
     "events { worker_connections 1024; }",
     "http {",
     "  access_log " .. nq(dir .. "/logs/access.log") .. ";",

@@ -51,7 +51,8 @@ local function changed(job, row)
   if M.on_change then M.on_change(job, row) end
 end
 
--- How often a running job's progress is committed at most (seconds of work between batches).
+-- How often a paced job's progress is committed at most; an unpaced one commits after every
+-- slice, and its slices shrink so that the rows' work plus their commit fit in settings.slice.
 local COMMIT_EVERY = 0.02
 
 local function commit_progress()
@@ -386,6 +387,7 @@ local function drive(job)
   job.inflight = 0
   job.released = released(pacer, job)
   local committed = core.monotime()
+  local budget = 0.001 -- seconds of row work in a slice: grows to fit (a first big commit would stall requests)
   if by_workers then
     for i = 1, math.min(settings.parallel, #rows - job.next_row + 1) do
       workers[i] = ngx.thread.spawn(method_worker, job, pacer)
@@ -398,20 +400,28 @@ local function drive(job)
       break
     end
     job.released = released(pacer, job)
+    local slice_start, cut = core.monotime(), false
     if not by_workers then
-      local slice_end = core.monotime() + settings.slice
+      local slice_end = slice_start + budget
       local limit = job.released
       while job.next_row <= limit do
         local row = rows[job.next_row]
         job.next_row = job.next_row + 1
         if row.status == "pending" then execute_twin(job, row) end
-        if job.next_row % 64 == 0 and core.monotime() > slice_end then break end
+        if job.next_row % 16 == 0 and core.monotime() > slice_end then
+          cut = true
+          break
+        end
       end
     end
     if job.next_row > #rows and job.inflight == 0 then break end
-    if core.monotime() - committed >= COMMIT_EVERY then
+    if cut or core.monotime() - committed >= COMMIT_EVERY then
       commit_progress() -- the batch of rows done since the last one, before requests see them
       committed = core.monotime()
+      if cut then
+        local fit = settings.slice / (committed - slice_start) -- grows at most twofold: one quick commit is no trend
+        budget = math.max(0.001, math.min(settings.slice, budget * math.min(2, fit)))
+      end
     end
     ngx.sleep(tick(pacer))
   end

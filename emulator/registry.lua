@@ -7,12 +7,12 @@
 --                            copy). Read-only for callers; cheap enough to evaluate queries
 --                            over 100,000 devices.
 --   M.set_connected(dev, on) takes a device (record or id) online/offline at run time.
---   M.device_record(dev), M.export_state() / M.import_state(t)
---                            one device's, or every, identity and twin as plain JSON-ready
---                            tables (no simulation), as the state store (emulator/store.lua)
---                            keeps them; import keeps the simulation of devices already
---                            loaded, and a devices file loaded later only attaches its
---                            simulation to persisted devices (M.add).
+--   M.identity_record(dev), M.twin_record(dev), M.export_state() / M.import_state(t)
+--                            one device's identity or twin, or every device, as plain
+--                            JSON-ready tables (no simulation), as the state store
+--                            (emulator/store.lua) keeps them; import keeps the simulation
+--                            of devices already loaded, and a devices file loaded later
+--                            only attaches its simulation to persisted devices (M.add).
 -- Twin sections are copy-on-write: an update builds new tables and never changes stored
 -- ones, so documents and exports share them instead of copying (100,000 devices' twins
 -- cost one copy, not three). Never modify a table you get from this module.
@@ -798,10 +798,10 @@ end
 
 local STATE_FORMAT = "iothub-emulator-registry/1"
 
--- One device's identity and twin as a plain table. The twin sections are the registry's
--- own (copy-on-write, never modified in place): encode them, do not modify them.
-local function device_state(dev)
-  local tw = dev.twin
+-- A device's identity, and its twin, as plain tables: the state store saves them apart, as a
+-- twin changes far more often. The twin sections are the registry's own (copy-on-write,
+-- never modified in place): encode them, do not modify them.
+local function identity_state(dev)
   return {
     deviceId = dev.id,
     generationId = dev.generationId,
@@ -818,22 +818,35 @@ local function device_state(dev)
       secondaryThumbprint = or_null(dev.thumbprints.secondary),
     },
     iotEdge = dev.iotEdge,
-    twin = {
-      tags = tw.tags,
-      desired = tw.desired,
-      reported = tw.reported,
-      desiredMetadata = tw.desired_meta,
-      reportedMetadata = tw.reported_meta,
-      desiredVersion = tw.desired_version,
-      reportedVersion = tw.reported_version,
-      version = tw.version,
-      etagNumber = tw.etag_n,
-    },
   }
 end
 
+local function twin_state(dev)
+  local tw = dev.twin
+  return {
+    deviceId = dev.id,
+    tags = tw.tags,
+    desired = tw.desired,
+    reported = tw.reported,
+    desiredMetadata = tw.desired_meta,
+    reportedMetadata = tw.reported_meta,
+    desiredVersion = tw.desired_version,
+    reportedVersion = tw.reported_version,
+    version = tw.version,
+    etagNumber = tw.etag_n,
+  }
+end
+
+-- One device's identity with its twin under "twin", the saved state's shape (M.import_state).
+local function device_state(dev)
+  local t = identity_state(dev)
+  t.twin = twin_state(dev)
+  return t
+end
+
 M.STATE_FORMAT = STATE_FORMAT
-M.device_record = device_state
+M.identity_record = identity_state
+M.twin_record = twin_state
 
 -- Every identity and twin as one plain table (JSON-ready through the core codec).
 function M.export_state()

@@ -46,9 +46,13 @@ local function saved_rows(dir, id)
   return out
 end
 
+-- A device's saved identity with its twin under "twin".
 local function saved_device(dir, id)
-  local rows = db_rows(dir, "SELECT state FROM devices WHERE id = '" .. id .. "'")
-  return rows[1] and assert(core.json_decode(rows[1][1]))
+  local rows = db_rows(dir, "SELECT identity, twin FROM devices JOIN twins USING (id) WHERE id = '" .. id .. "'")
+  if not rows[1] then return nil end
+  local dev = assert(core.json_decode(rows[1][1]))
+  dev.twin = assert(core.json_decode(rows[1][2]))
+  return dev
 end
 
 describe("emulator persistence", function()
