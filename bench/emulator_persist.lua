@@ -34,15 +34,21 @@ local function error_log(emu)
   return shell.read_file(emu.dir .. "/logs/error.log") or ""
 end
 
--- "state committed in ..." lines nginx logged after byte `from`.
+-- "state committed in ..." lines nginx logged after byte `from` (and the JSON store's "state
+-- <kind> saved in ..." of earlier versions, so the same script measures both).
 local function commits_since(emu, from)
   local out = {}
   for line in error_log(emu):sub(from + 1):gmatch("[^\n]+") do
-    local what = line:match("(state committed in .-),? client:") or line:match("(state committed in .-),? context:")
-      or line:match("(state committed in .*)")
+    local what = line:match("(state [%a ]+ in .-),? client:") or line:match("(state [%a ]+ in .-),? context:")
+      or line:match("(state %a+ saved in .*)") or line:match("(state committed in .*)")
     if what then out[#out + 1] = what end
   end
   return out
+end
+
+local function millis(line)
+  local n, unit = line:match(" in ([%d.]+) (m?s)")
+  return (tonumber(n) or 0) * (unit == "s" and 1000 or 1)
 end
 
 -- Polls the health route every POLL seconds until done() says so (checked between polls) or
@@ -69,9 +75,10 @@ local function report(name, lat, commits)
     name, lat[#lat] * 1e3, p99 * 1e3, lat[math.ceil(#lat / 2)] * 1e3, #lat))
   local longest = {}
   for _, c in ipairs(commits) do longest[#longest + 1] = c end
-  table.sort(longest, function(a, b) return tonumber(a:match("in (%d+) ms")) > tonumber(b:match("in (%d+) ms")) end)
+  table.sort(longest, function(a, b) return millis(a) > millis(b) end)
   if #longest > 0 then
-    print(("    %d slow commit(s); the longest: %s"):format(#longest, table.concat(longest, "; ", 1, math.min(3, #longest))))
+    print(("    %d slow commit(s) or save(s); the longest: %s"):format(#longest,
+      table.concat(longest, "; ", 1, math.min(3, #longest))))
   end
 end
 

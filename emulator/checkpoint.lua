@@ -12,8 +12,8 @@ function M.run(path)
     env:close()
     return nil, err
   end
-  conn:execute("PRAGMA busy_timeout = 5000")
-  local cur
+  local cur = conn:execute("PRAGMA busy_timeout = 5000") -- answers with a row
+  if type(cur) == "userdata" then cur:close() end
   cur, err = conn:execute("PRAGMA wal_checkpoint(PASSIVE)")
   local frames, copied
   if cur then

@@ -252,19 +252,48 @@ local arm
 
 -- SQLite would fold the log into the file inside a commit (a copy and two fsyncs on the event
 -- loop); the worker has it done in a thread instead, once enough was written, or between
--- requests from a timer where nginx has no thread pool.
-local function checkpoint_soon()
-  if checkpointing or not started or written < settings.checkpoint then return end
+-- requests from a timer where nginx has no thread pool. A checkpoint copies what was
+-- committed when it began; it goes again until the log is all in the file, since only then
+-- does the next commit write the log from its start (and cut it to journal_size_limit).
+local inline_why -- why checkpoints run on the event loop, once logged
+
+-- Returns the frames in the log and those in the file, or nil.
+local function checkpoint_once()
+  local in_thread = ngx.run_worker_thread -- luacheck: ignore 143 (lua-nginx-module 0.10.21+)
+  local called, ran, ok, frames, copied = pcall(in_thread, M.THREAD_POOL, "emulator.checkpoint", "run", db_path)
+  if called and ran and ok then return frames, copied end
+  if not inline_why then
+    inline_why = tostring(not called and ran or not ran and ok or frames)
+    ngx.log(ngx.NOTICE, "state checkpoints run in the worker, not in a thread: ", inline_why)
+  end
+  if not conn then return nil end
+  local done, _, log_frames, log_copied = pcall(first_row, "PRAGMA wal_checkpoint(PASSIVE)")
+  if done then return tonumber(log_frames), tonumber(log_copied) end
+end
+
+local idle_armed = false
+
+-- After a commit: a checkpoint once settings.checkpoint bytes were written, and one when
+-- commits pause for a second with less (so the log starts over before the next burst).
+local function checkpoint_soon(idle)
+  if not started or written == 0 then return end
+  if not idle and not checkpointing and written < settings.checkpoint then
+    if not idle_armed then
+      idle_armed = ngx.timer.at(1, function(premature)
+        idle_armed = false
+        if not premature then checkpoint_soon(true) end
+      end) and true
+    end
+    return
+  end
+  if checkpointing then return end
   checkpointing, written = true, 0
   local ok, err = ngx.timer.at(0.001, function(premature)
-    if not premature then
-      local in_thread = ngx.run_worker_thread -- luacheck: ignore 143 (lua-nginx-module 0.10.21+)
-      local done, res, terr = pcall(in_thread, M.THREAD_POOL, "emulator.checkpoint", "run", db_path)
-      if not (done and res) and conn then
-        local cur = conn:execute("PRAGMA wal_checkpoint(PASSIVE)")
-        if type(cur) == "userdata" then cur:close() end
-        if done and terr then ngx.log(ngx.NOTICE, "state checkpoint in a thread failed (", tostring(terr), "); done here") end
-      end
+    for _ = 1, 100 do
+      if premature or ngx.worker.exiting() then break end
+      local frames, copied = checkpoint_once()
+      if not frames or copied >= frames then break end
+      ngx.sleep(0.2)
     end
     checkpointing = false
   end)
@@ -548,6 +577,7 @@ function M.init(dir)
   registry.on_change = device_changed
   jobs.on_change = job_changed
   jobs.commit = M.commit
+  local t0 = util.core.monotime()
   local new = open()
   local ok, res = pcall(function()
     if new then
@@ -560,19 +590,30 @@ function M.init(dir)
     end
     local n_devices, n_jobs = load()
     if n_devices + n_jobs == 0 then return nil end
-    return string.format("%d device(s), %d job(s)", n_devices, n_jobs)
+    return string.format("%d device(s), %d job(s) loaded in %.1f s", n_devices, n_jobs, util.core.monotime() - t0)
   end)
-  local committed, err = ok, nil
-  if ok then committed, err = M.commit() end
+  local committed, err
+  if not ok then
+    err = tostring(res):find("^state ") and res
+      or ("state database " .. db_path .. ": " .. tostring(res) .. "; move it away to start without it")
+  elseif new then
+    -- A new database's first commit (a whole fleet, perhaps) goes straight into the file: a
+    -- rollback journal has nothing to save for pages that did not exist, while the log
+    -- would take it all and copy it again at close.
+    local switched, why = pcall(exec, "PRAGMA journal_mode = DELETE")
+    if switched then committed, err = M.commit() else err = why end
+    if committed then
+      switched, why = pcall(first_row, "PRAGMA journal_mode = WAL")
+      if not switched then committed, err = nil, why end
+    end
+  else
+    committed, err = M.commit()
+  end
   if not committed then
     close()
     -- a database made just now holds nothing yet: gone, the next start tries the import again
     if new then
-      for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(db_path .. suffix) end
-    end
-    if not ok then
-      err = tostring(res):find("^state ") and res
-        or ("state database " .. db_path .. ": " .. tostring(res) .. "; move it away to start without it")
+      for _, suffix in ipairs({ "", "-wal", "-shm", "-journal" }) do os.remove(db_path .. suffix) end
     end
     error(err, 0)
   end
