@@ -2,7 +2,9 @@
 -- queued -> scheduled -> running -> completed|failed|cancelled driven by ngx timers,
 -- paced per-device execution, device-job rows kept as ready JSON documents (updated in
 -- place, so paging 100,000 of them costs nothing to build), live statistics, the tiers'
--- active-job caps, and a plain-table export/import for the state store.
+-- active-job caps, and the records and import the state store (emulator/store.lua) uses:
+-- every change is reported through M.on_change, and a running job's progress is committed
+-- through M.commit in batches.
 local util = require "emulator.util"
 local errors = require "emulator.errors"
 local registry = require "emulator.registry"

@@ -5,14 +5,16 @@
 -- transaction
 --   * before any response is sent (emulator/http.lua), so nothing a client was told or shown
 --     can be lost by a crash, whatever the request;
---   * by the job engine after each batch of device rows (every 20 ms of work at most), so a
+--   * by the job engine after each batch of device rows, before it lets requests in (an
+--     unpaced job sizes its batches so that their work and commit take about 20 ms), so a
 --     running job's progress is kept without a commit per device;
 --   * a second after a change made outside both (simulated devices reporting, timers);
 --   * when the worker exits.
 -- A commit writes each changed device's record and each changed device row as it is at that
 -- moment, so several changes to one device cost one write. synchronous=NORMAL: a commit is
 -- in the operating system's hands when it returns (a kill -9 or a crash of nginx loses
--- nothing committed); a power cut can lose the last commits, never the database.
+-- nothing committed); a power cut can lose the last commits, never the database. Folding
+-- the log into hub.db (a checkpoint, with the fsyncs) runs in nginx's thread pool.
 --
 -- State is loaded in init_by_lua (the nginx master, so a bad database stops the start with a
 -- message) and the connection is closed before nginx forks. The worker opens its own and, if
@@ -80,7 +82,7 @@ end
 -- A string literal. JSON texts from the core encoder have no raw NUL (it escapes control
 -- characters), and neither do device or job ids; anything else is refused, not truncated.
 local function lit(s)
-  if s:find("%z") then error("a NUL byte in a value for the state database", 0) end
+  if s:find("\0", 1, true) then error("a NUL byte in a value for the state database", 0) end
   if s:find("'", 1, true) then s = s:gsub("'", "''") end -- rare in JSON; gsub costs 10 ns a byte
   return "'" .. s .. "'"
 end
@@ -397,7 +399,8 @@ local function fail(what, err)
     .. "); move it away to start without it", 0)
 end
 
--- Opens the database, creating its tables if it is new. Returns true when it was new.
+-- Opens the database, creating its tables if it is new. Returns true when it holds nothing
+-- yet: new, or made by a start that ended before its first commit.
 local function open()
   local ok, driver = pcall(require, "luasql.sqlite3")
   if not ok then
@@ -433,7 +436,7 @@ local function open()
   if schema ~= SCHEMA then
     fail("is not one this emulator can read", "schema " .. tostring(schema) .. ", expected " .. SCHEMA)
   end
-  return false
+  return tonumber(first_row("SELECT value FROM meta WHERE key = 'generation'")) == 0
 end
 
 local function decode(text, what)
