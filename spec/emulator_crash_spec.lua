@@ -21,8 +21,10 @@ local function master_pid(emu)
   return assert(tonumber((shell.read_file(emu.dir .. "/nginx.pid") or ""):match("%d+")), "no nginx.pid")
 end
 
+-- The master's children (its worker), from /proc (no procps needed).
 local function worker_pids(emu)
-  local _, out = shell.run("pgrep -P " .. master_pid(emu))
+  local master = master_pid(emu)
+  local out = shell.read_file("/proc/" .. master .. "/task/" .. master .. "/children") or ""
   local pids = {}
   for pid in out:gmatch("%d+") do pids[#pids + 1] = pid end
   return pids
