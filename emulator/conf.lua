@@ -89,6 +89,7 @@ function M.render(opts)
     "error_log " .. nq(dir .. "/logs/error.log") .. " notice;",
     "error_log stderr error;",
     "worker_rlimit_nofile " .. limits.open_files .. ";",
+    opts.state_dir and opts.state_dir ~= "" and "thread_pool iothub_store threads=1;  # emulator/checkpoint.lua" or "",
     "events { worker_connections " .. limits.worker_connections .. "; }",
     "http {",
     "  access_log " .. nq(dir .. "/logs/access.log") .. ";",

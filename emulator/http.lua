@@ -31,18 +31,13 @@ local function seed_devices()
 end
 
 -- State kept across restarts when the launcher gives a state dir: the registry and the jobs,
--- plus the clock offset saved with them.
+-- plus the clock offset (emulator/store.lua).
 local function setup_store(dir)
-  store.configure(dir)
-  store.register("registry", registry.export_state, registry.import_state)
-  registry.on_change = function() store.mark("registry") end
-  store.register("jobs", jobs.export_state, jobs.import_state)
-  jobs.on_change = function() store.mark("jobs") end
-  local loaded = store.load()
-  if #loaded > 0 then
+  local restored = store.init(dir)
+  if restored then
     local s = jobs.summary()
     util.log("hub", string.format("state restored from %s (%s): %d job(s), %d active, %d device(s)",
-      dir, table.concat(loaded, ", "), s.jobs, s.active, #registry.list()))
+      dir, restored, s.jobs, s.active, #registry.list()))
   end
 end
 
@@ -73,13 +68,21 @@ function M.init(opts)
   setup_store(opts.state_dir)
 end
 
--- In the worker: start the timers (restored jobs resume, the state writer runs).
+-- In the worker: the state store's connection (reloading the state when this worker
+-- replaces one that crashed), then the timers (restored jobs resume). A worker that cannot
+-- load the state answers every request with the reason rather than serve stale state.
 function M.init_worker()
-  store.start()
+  local ok, res = pcall(store.start)
+  if not ok then
+    settings.broken = tostring(res)
+    ngx.log(ngx.ALERT, "the state could not be loaded: ", settings.broken)
+    return
+  end
+  if res then util.log("hub", res) end
   jobs.start_engine()
 end
 
--- The worker is exiting (SIGTERM/SIGINT/reload): write the state one last time.
+-- The worker is exiting (SIGTERM/SIGINT/reload): the last commit.
 function M.exit_worker()
   store.stop()
 end
@@ -89,12 +92,19 @@ end
 
 local JSON_TYPE = "application/json; charset=utf-8"
 
+local send_error
 local send_faulted -- below: the answer of a request whose response a fault mangles
 -- Requests in flight whose answer a fault mangles: while there are none, send() does not
 -- touch ngx.ctx (whose first use costs a table per request).
 local mangled_in_flight = 0
 
+-- Every response commits the state changes made so far first (emulator/store.lua): what a
+-- client is told or shown is on disk. When that fails, the answer is the failure.
 local function send(status, value, headers)
+  local saved, why = store.commit()
+  if not saved and status < 400 then
+    return send_error(errors.new("ServerError", "The change could not be saved: " .. why))
+  end
   if mangled_in_flight > 0 and ngx.ctx.response_fault then return send_faulted(status, value, headers) end
   ngx.status = status
   ngx.header["Content-Type"] = JSON_TYPE
@@ -137,7 +147,7 @@ end
 
 -- Envelope B inside Message, as the current service sends it, plus the header the
 -- .NET SDK cross-checks against the numeric code.
-local function send_error(err)
+function send_error(err)
   local t = util.now()
   local inner = { errorCode = err.code, trackingId = tracking_id(t), message = err.message, timestampUtc = util.iso(t) }
   if err.info then inner.info = err.info end
@@ -398,6 +408,9 @@ local function dispatch(rec)
   end
   rec.route = route[2]
   rec.skip = route[4] or route[5] -- health and control routes stay out of the request log
+  if settings.broken then
+    error(errors.new("ServerError", "The emulator could not load its state: " .. settings.broken), 0)
+  end
   local headers = limits.request_headers()
   local request_id = headers["request-id"] or headers["x-ms-client-request-id"]
   if type(request_id) == "table" then request_id = request_id[1] end

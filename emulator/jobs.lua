@@ -2,7 +2,9 @@
 -- queued -> scheduled -> running -> completed|failed|cancelled driven by ngx timers,
 -- paced per-device execution, device-job rows kept as ready JSON documents (updated in
 -- place, so paging 100,000 of them costs nothing to build), live statistics, the tiers'
--- active-job caps, and a plain-table export/import for the state store.
+-- active-job caps, and the records and import the state store (emulator/store.lua) uses:
+-- every change is reported through M.on_change, and a running job's progress is committed
+-- through M.commit in batches.
 local util = require "emulator.util"
 local errors = require "emulator.errors"
 local registry = require "emulator.registry"
@@ -25,8 +27,14 @@ local settings = {
   parallel = 32,       -- method invocations in flight per job
 }
 
--- Called after any job or device-row change (the state store marks jobs dirty).
+-- Called after every change the state store keeps: fn(job, row) for a device row, fn(job)
+-- for the job's own fields (status, times, its target list), fn() when every job changed (a
+-- reset or an import).
 M.on_change = nil
+-- Called by the engine after a batch of device rows, before it lets requests in, so progress
+-- is kept in batches (the store commits it): fn() -> true | nil, message. Every response
+-- commits too, so nothing a client sees depends on this call.
+M.commit = nil
 
 local jobs, order = {}, {}
 local all_rows          -- every job's rows in job order; rebuilt after rows are added
@@ -41,8 +49,18 @@ local END_NOZONE = (util.END_OF_TIME:gsub("Z$", ""))
 local NULL_OUTCOME = { deviceMethodResponse = null } -- shared by every row without a response; never mutated
 local STATE_FORMAT = "iothub-emulator-jobs/1"
 
-local function changed()
-  if M.on_change then M.on_change() end
+local function changed(job, row)
+  if M.on_change then M.on_change(job, row) end
+end
+
+-- How often a paced job's progress is committed at most; an unpaced one commits after every
+-- slice, and its slices shrink so that the rows' work plus their commit fit in settings.slice.
+local COMMIT_EVERY = 0.02
+
+local function commit_progress()
+  if not M.commit then return end
+  local ok, err = M.commit()
+  if not ok then ngx.log(ngx.ERR, "job progress not saved: ", tostring(err)) end
 end
 
 local function active_cap()
@@ -163,7 +181,7 @@ local function set_row(job, row, status, z)
   c[status] = c[status] + 1
   row.status = status
   row.lastUpdatedDateTimeUtc = z
-  changed()
+  changed(job, row)
 end
 
 local function end_row(job, row, status, z)
@@ -171,19 +189,54 @@ local function end_row(job, row, status, z)
   set_row(job, row, status, z)
 end
 
-local function fail_row(job, row, code, description)
+local function fail_row(job, row, code, description, z)
   row.error = { code = code, description = description }
-  end_row(job, row, "failed", stamp())
+  end_row(job, row, "failed", z or stamp())
 end
 
-local function install_rows(job, rows)
+-- A row as the state store keeps it, a compact array: { deviceId, status, startTimeUtc,
+-- endTimeUtc, createdDateTimeUtc, lastUpdatedDateTimeUtc, deviceMethodResponse, error code,
+-- error description }. The documents are rebuilt from it.
+function M.row_record(row)
+  local dmr = row.outcome.deviceMethodResponse
+  local e = row.error
+  return util.array({ row.deviceId, row.status, row.startTimeUtc, row.endTimeUtc, row.createdDateTimeUtc,
+    row.lastUpdatedDateTimeUtc, dmr, e and e.code or null, e and e.description or null })
+end
+
+-- The rows a job has not touched one by one share one state, job.untouched: a row record
+-- without its deviceId. It is "pending" once the targets are resolved; a cancel or a timeout
+-- ends all such rows at once and says so here. The store saves the target list once and
+-- then only rows that differ from it, so a 100,000-device job is not 100,000 inserts up
+-- front, nor a cancel 100,000 updates.
+local function untouched_state(status, start_nz, end_nz, created_z, updated_z, code, description)
+  return util.array({ status, start_nz, end_nz, created_z, updated_z, null, code or null, description or null })
+end
+
+local function end_untouched(job, status, z, code, description)
+  local u = job.untouched
+  if u then job.untouched = untouched_state(status, u[2], nozone(z), u[4], z, code, description) end
+end
+
+-- Whether a row is in its job's untouched state (every saved field equal).
+function M.row_is_untouched(job, row)
+  local u = job.untouched
+  if not u or row.outcome ~= NULL_OUTCOME then return false end
+  local e = row.error
+  return row.status == u[1] and row.startTimeUtc == u[2] and row.endTimeUtc == u[3]
+    and row.createdDateTimeUtc == u[4] and row.lastUpdatedDateTimeUtc == u[5]
+    and (e and e.code or null) == u[7] and (e and e.description or null) == u[8]
+end
+
+local function install_rows(job, rows, created_z, start_nz)
   job.rows = rows
   job.counts = new_counts()
   job.counts.pending = #rows
   job.next_row = 1
   job.resolved = true
+  job.untouched = untouched_state("pending", start_nz, END_NOZONE, created_z, created_z)
   all_rows = nil
-  changed()
+  changed(job)
 end
 
 ---------------------------------------------------------------------------
@@ -208,7 +261,7 @@ local function finish(job, status, reason)
     job.failureReason = reason
     job.statusMessage = reason
   end
-  changed()
+  changed(job)
   local s = stats(job)
   util.log("hub", string.format("job %s %s: %d device(s), %d succeeded, %d failed%s", job.id, status,
     s.deviceCount, s.succeededCount, s.failedCount, reason and (" (" .. reason .. ")") or ""))
@@ -273,12 +326,12 @@ end
 -- Rows not reached before the deadline fail; rows in flight finish on their own.
 local function expire(job)
   local rows = job.rows
+  local z = stamp()
+  local code, description = "JobExecutionTimeExpired", "maxExecutionTimeInSeconds elapsed before the job reached the device"
+  end_untouched(job, "failed", z, code, description)
   for i = job.next_row, #rows do
     local row = rows[i]
-    if row.status == "pending" then
-      fail_row(job, row, "JobExecutionTimeExpired",
-        "maxExecutionTimeInSeconds elapsed before the job reached the device")
-    end
+    if row.status == "pending" then fail_row(job, row, code, description, z) end
   end
   job.next_row = #rows + 1
 end
@@ -335,6 +388,8 @@ local function drive(job)
   local by_workers = job.type == "scheduleDeviceMethod" -- invocations may wait: run them side by side
   job.inflight = 0
   job.released = released(pacer, job)
+  local committed = core.monotime()
+  local budget = 0.001 -- seconds of row work in a slice: grows to fit (a first big commit would stall requests)
   if by_workers then
     for i = 1, math.min(settings.parallel, #rows - job.next_row + 1) do
       workers[i] = ngx.thread.spawn(method_worker, job, pacer)
@@ -347,30 +402,41 @@ local function drive(job)
       break
     end
     job.released = released(pacer, job)
+    local slice_start, cut = core.monotime(), false
     if not by_workers then
-      local slice_end = core.monotime() + settings.slice
+      local slice_end = slice_start + budget
       local limit = job.released
       while job.next_row <= limit do
         local row = rows[job.next_row]
         job.next_row = job.next_row + 1
         if row.status == "pending" then execute_twin(job, row) end
-        if job.next_row % 64 == 0 and core.monotime() > slice_end then break end
+        if job.next_row % 16 == 0 and core.monotime() > slice_end then
+          cut = true
+          break
+        end
       end
     end
     if job.next_row > #rows and job.inflight == 0 then break end
+    if cut or core.monotime() - committed >= COMMIT_EVERY then
+      commit_progress() -- the batch of rows done since the last one, before requests see them
+      committed = core.monotime()
+      if cut then
+        local fit = settings.slice / (committed - slice_start) -- grows at most twofold: one quick commit is no trend
+        budget = math.max(0.001, math.min(settings.slice, budget * math.min(2, fit)))
+      end
+    end
     ngx.sleep(tick(pacer))
   end
   for _, th in ipairs(workers) do ngx.thread.wait(th) end
   if exiting() then return end
   if job.status == "running" then finish(job, "completed") end
+  commit_progress()
 end
 
 -- Resolves the targets from the queryCondition against the twins as they are now.
-local function resolve_targets(job)
+local function resolve_targets(job, created_z, start_nz)
   local plan, perr = query.parse_condition(job.queryCondition)
   if not plan then return nil, "SQL query parse failed: " .. perr end
-  local created_z = stamp()
-  local start_nz = nozone(stamp(job.started))
   local rows = {}
   local slice_end = core.monotime() + settings.slice
   for i, dev in ipairs(registry.list()) do
@@ -387,11 +453,12 @@ end
 local function run(job)
   job.status = "running"
   job.started = util.now()
-  changed()
-  local rows, err = resolve_targets(job)
+  changed(job)
+  local created_z, start_nz = stamp(), nozone(stamp(job.started))
+  local rows, err = resolve_targets(job, created_z, start_nz)
   if job.status ~= "running" then return end -- cancelled while resolving
   if not rows then return finish(job, "failed", err) end
-  install_rows(job, rows)
+  install_rows(job, rows, created_z, start_nz)
   util.log("hub", string.format("job %s running on %d device(s)", job.id, #rows))
   drive(job)
 end
@@ -405,7 +472,7 @@ local function pick_up(job)
   local delay = job.start - util.now()
   if delay > 0 then
     job.status = "scheduled"
-    changed()
+    changed(job)
     util.log("hub", string.format("job %s scheduled, starts in %.1f s", job.id, delay))
     local ok, err = arm(job, delay, start_due)
     if not ok then finish(job, "failed", "cannot schedule the job: " .. tostring(err)) end
@@ -542,7 +609,7 @@ function M.create(id, body)
   if not ok then return nil, errors.new("ServerError", "cannot queue the job: " .. tostring(err)) end
   jobs[id] = job
   order[#order + 1] = id
-  changed()
+  changed(job)
   util.log("hub", "job " .. id .. " (" .. job.type .. ") queued for " .. cond)
   return job_json(job)
 end
@@ -565,6 +632,7 @@ function M.cancel(id)
   if not job then return nil, err end
   if ACTIVE[job.status] then
     local z = stamp()
+    end_untouched(job, "canceled", z)
     for _, row in ipairs(job.rows) do
       if row.status == "pending" or row.status == "scheduled" then
         end_row(job, row, "canceled", z) -- device level spells it with one "l"
@@ -616,55 +684,28 @@ function M.device_rows(job_id)
 end
 
 ---------------------------------------------------------------------------
--- State export / import (emulator/store.lua writes it as jobs.json)
+-- Saved state (emulator/store.lua): job records, row records (M.row_record), and the import
+-- of both.
 
--- A row as a compact array: the documents are rebuilt from it on import.
-local function export_row(row)
-  local dmr = row.outcome.deviceMethodResponse
-  local e = row.error
-  return util.array({ row.deviceId, row.status, row.startTimeUtc, row.endTimeUtc, row.createdDateTimeUtc,
-    row.lastUpdatedDateTimeUtc, dmr, e and e.code or null, e and e.description or null })
+M.STATE_FORMAT = STATE_FORMAT
+
+-- Jobs in creation order: the live objects, READ-ONLY for callers (the store reads their
+-- fields through M.job_record and their rows through M.row_record).
+function M.jobs_in_order()
+  local list = {}
+  for i, id in ipairs(order) do list[i] = jobs[id] end
+  return list
 end
 
--- A job without its rows, as a plain table.
-local function job_state(job)
+-- A job without its rows, as a plain table (the rows' shared state included).
+function M.job_record(job)
   return {
     jobId = job.id, type = job.type, status = job.status, queryCondition = job.queryCondition,
     start = job.start, ttl = job.ttl, created = job.created, started = job.started, finished = job.finished,
     cloudToDeviceMethod = job.method, updateTwin = job.updateTwin,
     failureReason = job.failureReason, statusMessage = job.statusMessage,
-    resolved = job.resolved or false,
+    resolved = job.resolved or false, untouched = job.untouched,
   }
-end
-
--- Every job with its rows: without `out`, as one plain table; with a store writer
--- (emulator/store.lua), row by row. The writer may pause between rows: a job's fields and
--- its row list are taken together, and rows that moved on meanwhile are saved as they are
--- then (import counts the rows again, and a running job resumes from them).
-function M.export_state(out)
-  local head = { format = STATE_FORMAT, clockOffset = util.clock_offset() }
-  if not out then
-    local list = {}
-    for i, id in ipairs(order) do
-      local job = jobs[id]
-      local t, rows = job_state(job), {}
-      for n, row in ipairs(job.rows) do rows[n] = export_row(row) end
-      t.rows = util.array(rows)
-      list[i] = t
-    end
-    head.jobs = util.array(list)
-    return head
-  end
-  local all, ids = jobs, order -- a reset meanwhile swaps in new tables; this save ends as begun
-  out.open(head, "jobs")
-  for _, id in ipairs(ids) do
-    local job = all[id]
-    local rows = job.rows -- resolving the targets swaps in the new row list
-    out.open(job_state(job), "rows")
-    for _, row in ipairs(rows) do out.item(export_row(row)) end
-    out.close()
-  end
-  out.close()
 end
 
 local function import_job(t, where)
@@ -687,6 +728,13 @@ local function import_job(t, where)
     resolved = t.resolved == true, gen = 0, inflight = 0, counts = new_counts(), rows = {}, next_row = 1,
   }
   if type(job.queryCondition) ~= "string" then return bad("queryCondition is missing") end
+  local u = t.untouched
+  if u ~= nil and u ~= null then
+    if type(u) ~= "table" or not ROW_STATUSES[u[1]] or type(u[2]) ~= "string" or type(u[4]) ~= "string" then
+      return bad("untouched is malformed")
+    end
+    job.untouched = u
+  end
   if job.type == "scheduleDeviceMethod" then
     local m, err = methods.validate(t.cloudToDeviceMethod)
     if not m then return bad("cloudToDeviceMethod: " .. tostring(err)) end
@@ -719,7 +767,8 @@ local function import_job(t, where)
   return job
 end
 
--- Replaces all jobs with the exported state t; returns true or nil, message.
+-- Replaces all jobs with the saved state t = { format, clockOffset, jobs = { M.job_record(job)
+-- plus rows = { M.row_record(row)... } } }; returns true or nil, message.
 function M.import_state(t)
   if type(t) ~= "table" or t.format ~= STATE_FORMAT then
     return nil, "not a jobs state file (format '" .. tostring(type(t) == "table" and t.format) .. "', expected '"

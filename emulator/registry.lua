@@ -7,12 +7,12 @@
 --                            copy). Read-only for callers; cheap enough to evaluate queries
 --                            over 100,000 devices.
 --   M.set_connected(dev, on) takes a device (record or id) online/offline at run time.
---   M.export_state([out]) / M.import_state(t)
---                            every identity and twin as plain JSON-ready tables (no
---                            simulation), or device by device through a store writer
---                            (emulator/store.lua); import keeps the simulation of devices
---                            already loaded, and a devices file loaded later only attaches
---                            its simulation to persisted devices (M.add).
+--   M.identity_record(dev), M.twin_record(dev), M.export_state() / M.import_state(t)
+--                            one device's identity or twin, or every device, as plain
+--                            JSON-ready tables (no simulation), as the state store
+--                            (emulator/store.lua) keeps them; import keeps the simulation
+--                            of devices already loaded, and a devices file loaded later
+--                            only attaches its simulation to persisted devices (M.add).
 -- Twin sections are copy-on-write: an update builds new tables and never changes stored
 -- ones, so documents and exports share them instead of copying (100,000 devices' twins
 -- cost one copy, not three). Never modify a table you get from this module.
@@ -798,10 +798,10 @@ end
 
 local STATE_FORMAT = "iothub-emulator-registry/1"
 
--- One device's identity and twin as a plain table. The twin sections are the registry's
--- own (copy-on-write, never modified in place): encode them, do not modify them.
-local function device_state(dev)
-  local tw = dev.twin
+-- A device's identity, and its twin, as plain tables: the state store saves them apart, as a
+-- twin changes far more often. The twin sections are the registry's own (copy-on-write,
+-- never modified in place): encode them, do not modify them.
+local function identity_state(dev)
   return {
     deviceId = dev.id,
     generationId = dev.generationId,
@@ -818,35 +818,41 @@ local function device_state(dev)
       secondaryThumbprint = or_null(dev.thumbprints.secondary),
     },
     iotEdge = dev.iotEdge,
-    twin = {
-      tags = tw.tags,
-      desired = tw.desired,
-      reported = tw.reported,
-      desiredMetadata = tw.desired_meta,
-      reportedMetadata = tw.reported_meta,
-      desiredVersion = tw.desired_version,
-      reportedVersion = tw.reported_version,
-      version = tw.version,
-      etagNumber = tw.etag_n,
-    },
   }
 end
 
--- Every identity and twin: without `out`, as one plain table (JSON-ready through the core
--- codec); with a store writer (emulator/store.lua), device by device, each encoded in one
--- step. The writer may pause between devices: those created meanwhile are left to the next
--- save (their creation marks the state changed), those deleted meanwhile are skipped.
-function M.export_state(out)
-  if not out then
-    local list = {}
-    for i, dev in ipairs(M.list()) do list[i] = device_state(dev) end
-    return { format = STATE_FORMAT, devices = util.array(list) }
-  end
-  out.open({ format = STATE_FORMAT }, "devices")
-  for _, dev in ipairs(M.list()) do -- this list stays as it is: creation and deletion make a new one
-    if devices[dev.id] == dev then out.item(device_state(dev)) end
-  end
-  out.close()
+local function twin_state(dev)
+  local tw = dev.twin
+  return {
+    deviceId = dev.id,
+    tags = tw.tags,
+    desired = tw.desired,
+    reported = tw.reported,
+    desiredMetadata = tw.desired_meta,
+    reportedMetadata = tw.reported_meta,
+    desiredVersion = tw.desired_version,
+    reportedVersion = tw.reported_version,
+    version = tw.version,
+    etagNumber = tw.etag_n,
+  }
+end
+
+-- One device's identity with its twin under "twin", the saved state's shape (M.import_state).
+local function device_state(dev)
+  local t = identity_state(dev)
+  t.twin = twin_state(dev)
+  return t
+end
+
+M.STATE_FORMAT = STATE_FORMAT
+M.identity_record = identity_state
+M.twin_record = twin_state
+
+-- Every identity and twin as one plain table (JSON-ready through the core codec).
+function M.export_state()
+  local list = {}
+  for i, dev in ipairs(M.list()) do list[i] = device_state(dev) end
+  return { format = STATE_FORMAT, devices = util.array(list) }
 end
 
 local function opt_string(v)
@@ -889,9 +895,11 @@ local function record_from_state(d, i)
 end
 
 -- Replaces every identity and twin with the saved ones (M.export_state's table). Devices
--- already simulated keep their simulation (attached to the saved record of the same id,
--- or kept as they are when the saved state does not have them). Returns true or nil, message.
-function M.import_state(t)
+-- already simulated keep their simulation (attached to the saved record of the same id),
+-- and those the saved state does not have are kept as they are (new in the devices file),
+-- unless only_saved (the saved state is known to have every device that still exists).
+-- Returns true or nil, message.
+function M.import_state(t, only_saved)
   if type(t) ~= "table" or t.format ~= STATE_FORMAT or type(t.devices) ~= "table" then
     return nil, "not a registry state (format " .. STATE_FORMAT .. ")"
   end
@@ -914,7 +922,7 @@ function M.import_state(t)
     if rec then
       rec.sim, rec.desired_delivered = old.sim, rec.twin.desired_version
       rec.connected, rec.online_at = old.connected, old.online_at
-    else
+    elseif not only_saved then
       insert(old)
     end
   end

@@ -1,8 +1,8 @@
--- Persistence with a kept --dir: registry, twins, jobs and the clock survive a stop/start;
--- a job running at shutdown resumes; state files are replaced atomically; a broken state
--- file stops the start with a message naming it; --in-memory keeps nothing. In process,
--- with a stand-in for nginx's API: a save from a timer is written in slices and renamed at
--- the end, and the shutdown's synchronous write replaces a save that is still paused.
+-- Persistence with a kept --dir (DIR/state/hub.db, SQLite): registry, twins, jobs and the
+-- clock survive a stop/start; a job running at shutdown resumes; each change is in the
+-- database, for another reader too, before the emulator answers; the JSON state files of
+-- earlier versions are imported once; a broken database or state file stops the start with
+-- a message naming it; --in-memory keeps nothing. Crashes: spec/emulator_crash_spec.lua.
 --   busted --lua=lua5.4 spec/emulator_persist_spec.lua
 --   busted --lua=luajit -r luajit spec/emulator_persist_spec.lua
 local core = require "iothub.core"
@@ -12,16 +12,47 @@ local job = E.job
 
 local DEVICES = 7
 
-local function read_state(dir, name)
-  local data = shell.read_file(dir .. "/state/" .. name .. ".json")
-  assert(data, "no " .. name .. ".json")
-  return assert(core.json_decode(data))
+-- Rows of a query on the state database, through a connection of its own (the emulator may
+-- be running: WAL lets a reader see every committed change).
+local function db_rows(dir, sql)
+  local path = dir .. "/state/hub.db"
+  assert(shell.read_file(path), "no " .. path)
+  local env = require("luasql.sqlite3").sqlite3()
+  local conn = assert(env:connect(path))
+  local cur = assert(conn:execute(sql))
+  local out = {}
+  local row = cur:fetch({}, "n")
+  while row do
+    out[#out + 1] = row
+    row = cur:fetch({}, "n")
+  end
+  cur:close()
+  conn:close()
+  env:close()
+  return out
 end
 
-local function find_job(state, id)
-  for _, j in ipairs(state.jobs) do
-    if j.jobId == id then return j end
+local function saved_job(dir, id)
+  local rows = db_rows(dir, "SELECT head FROM jobs WHERE id = '" .. id .. "'")
+  return rows[1] and assert(core.json_decode(rows[1][1]))
+end
+
+-- The saved device rows of a job that differ from its untouched state, by device id.
+local function saved_rows(dir, id)
+  local out = {}
+  for _, r in ipairs(db_rows(dir, "SELECT device, row FROM job_rows WHERE job = '" .. id .. "'")) do
+    out[r[1]] = assert(core.json_decode(r[2]))
   end
+  return out
+end
+
+-- A device's saved identity with its twin under "twin".
+local function saved_device(dir, id)
+  local rows = db_rows(dir, "SELECT identity, twin FROM devices JOIN twins USING (id) WHERE id = '" .. id .. "'")
+  if not rows[1] then return nil end
+  local dev = assert(core.json_decode(rows[1][1]))
+  dev.twin = assert(core.json_decode(rows[1][2]))
+  return dev
 end
 
 describe("emulator persistence", function()
@@ -50,8 +81,8 @@ describe("emulator persistence", function()
 
     assert.equal(0, emu:stop())
     local files = select(2, shell.run("ls " .. shell.quote(emu.dir .. "/state")))
-    assert.equal("jobs.json\nregistry.json\n", files) -- and no temp files left
-    assert.equal("completed", find_job(read_state(emu.dir, "jobs"), "done").status)
+    assert.equal("hub.db\n", files) -- the write-ahead log is folded in at a clean stop
+    assert.equal("completed", saved_job(emu.dir, "done").status)
 
     emu:start()
     assert.truthy(emu:output():find("state restored from", 1, true))
@@ -84,11 +115,10 @@ describe("emulator persistence", function()
     repeat E.sleep(0.05) until core.monotime() > deadline
       or (select(2, emu:api("GET", "/jobs/v2/mid"))).deviceJobStatistics.succeededCount >= 2
     assert.equal(0, emu:stop())
-    local saved = find_job(read_state(emu.dir, "jobs"), "mid")
-    assert.equal("running", saved.status)
+    assert.equal("running", saved_job(emu.dir, "mid").status)
     local finished_before = {}
-    for _, r in ipairs(saved.rows) do
-      if r[2] == "completed" then finished_before[r[1]] = r[4] end -- endTimeUtc
+    for id, r in pairs(saved_rows(emu.dir, "mid")) do
+      if r[2] == "completed" then finished_before[id] = r[4] end -- endTimeUtc
     end
     local n_before = 0
     for _ in pairs(finished_before) do n_before = n_before + 1 end
@@ -104,49 +134,73 @@ describe("emulator persistence", function()
     end
   end)
 
-  it("replaces state files atomically on a short debounce while a job runs", function()
+  it("has each change in the database before it answers, and job progress before it shows", function()
     emu = E.start()
+    local status, twin = emu:api("PATCH", "/twins/door-002", { tags = { floor = 3 } }, { ["If-Match"] = "*" })
+    assert.equal(200, status)
+    local dev = saved_device(emu.dir, "door-002")
+    assert.equal(3, dev.twin.tags.floor)
+    assert.equal(twin.version, dev.twin.version)
+    assert.equal(200, (emu:api("PUT", "/devices/quick", { deviceId = "quick" })))
+    assert.truthy(saved_device(emu.dir, "quick"))
+    assert.equal(204, (emu:api("DELETE", "/devices/quick")))
+    assert.is_nil(saved_device(emu.dir, "quick"))
+
     emu:control("PATCH", "/_emulator/config", { jobRate = 5 })
     assert.equal(200, (emu:api("PUT", "/jobs/v2/busy", job("busy"))))
-    local reads, seen_running = 0, false
-    local deadline = core.monotime() + 5
+    local polls, seen_running = 0, false
+    local deadline = core.monotime() + 10
     repeat
-      local data = shell.read_file(emu.dir .. "/state/jobs.json")
-      if data then
-        local state = core.json_decode(data)
-        assert.is_table(state, "a state file that does not decode was visible")
-        reads = reads + 1
-        local j = find_job(state, "busy")
-        if j and j.status == "running" then seen_running = true end
-        if j and j.status == "completed" then break end
+      local _, j = emu:api("GET", "/jobs/v2/busy")
+      local saved = saved_job(emu.dir, "busy")
+      assert.truthy(saved, "a job the emulator acknowledged is not in the database")
+      local done = 0
+      for _, r in pairs(saved_rows(emu.dir, "busy")) do
+        if r[2] == "completed" then done = done + 1 end
       end
+      assert.is_true(done >= j.deviceJobStatistics.succeededCount,
+        done .. " completed rows saved, " .. j.deviceJobStatistics.succeededCount .. " shown")
+      if j.status == "running" then seen_running = true end
+      polls = polls + 1
       E.sleep(0.02)
-    until core.monotime() > deadline
-    assert.is_true(reads > 5)
-    assert.is_true(seen_running, "the running job was never written before it completed")
-    assert.equal("completed", find_job(read_state(emu.dir, "jobs"), "busy").status)
-    -- an explicit save writes everything now
-    local status, body = emu:control("POST", "/_emulator/state/save")
+    until j.status == "completed" or core.monotime() > deadline
+    assert.is_true(seen_running and polls > 5)
+    assert.equal("completed", saved_job(emu.dir, "busy").status)
+    -- an explicit save folds the write-ahead log into hub.db
+    local body
+    status, body = emu:control("POST", "/_emulator/state/save")
     assert.equal(200, status)
     assert.equal(emu.dir .. "/state", body.stateDir)
     assert.same({ "registry", "jobs" }, body.saved)
+    assert.equal("", shell.read_file(emu.dir .. "/state/hub.db-wal") or "")
     -- a reset is saved too: a restart after it starts from the devices file alone
     emu:control("POST", "/_emulator/reset")
+    assert.is_nil(saved_job(emu.dir, "busy"))
     assert.equal(0, emu:stop())
-    assert.same({}, read_state(emu.dir, "jobs").jobs)
     emu:start()
     assert.equal(404, (emu:api("GET", "/jobs/v2/busy")))
+    local _, door = emu:api("GET", "/twins/door-002")
+    assert.is_nil(door.tags.floor)
   end)
 
-  it("does not start on a broken state file, and says which file and what to do", function()
+  it("does not start on a broken database or state file, and says which file and what to do", function()
     emu = E.start()
     assert.equal(0, emu:stop())
     local dir = emu.dir
-    shell.write_file(dir .. "/state/jobs.json", '{"format":"iothub-emulator-jobs/1","jobs":[{"jobId":')
+    local db = dir .. "/state/hub.db"
+    shell.write_file(db, "this is not a database, it only has the name of one\n" .. ("x"):rep(4096))
     local ok, err = pcall(E.start, { dir = dir })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("state database " .. db .. " cannot be opened", 1, true), err)
+    assert.truthy(tostring(err):find("move it away", 1, true))
+    os.remove(db)
+    -- the JSON state files of an earlier version, into a new database
+    shell.write_file(dir .. "/state/jobs.json", '{"format":"iothub-emulator-jobs/1","jobs":[{"jobId":')
+    ok, err = pcall(E.start, { dir = dir })
     assert.is_false(ok)
     assert.truthy(tostring(err):find("state file " .. dir .. "/state/jobs.json is not valid JSON", 1, true), err)
     assert.truthy(tostring(err):find("move it away", 1, true))
+    assert.is_nil(shell.read_file(db), "a database was left that would skip the import next time")
     shell.write_file(dir .. "/state/jobs.json", '{"format":"something-else"}')
     ok, err = pcall(E.start, { dir = dir })
     assert.is_false(ok)
@@ -156,103 +210,69 @@ describe("emulator persistence", function()
     assert.equal(200, (emu:api("GET", "/twins/myDeviceId")))
   end)
 
+  it("imports the JSON state files of an earlier version once", function()
+    emu = E.new()
+    emu.tmp = shell.temp_dir("iothub-emu-spec")
+    emu.dir = emu.tmp .. "/dir"
+    emu.easy = assert(require("iothub.curl").easy({}))
+    assert(shell.run("mkdir -p " .. shell.quote(emu.dir .. "/state")))
+    local key = core.base64_encode(("k"):rep(32))
+    shell.write_file(emu.dir .. "/state/registry.json", assert(core.json_encode({
+      format = "iothub-emulator-registry/1",
+      devices = core.json_array({ {
+        deviceId = "legacy-dev", generationId = "638000000000000000", etag = "MTIzNDU2Nzg=", status = "enabled",
+        authentication = { type = "sas", primaryKey = key, secondaryKey = key },
+        twin = { tags = { from = "json" }, desired = { mode = "old" }, reported = {}, desiredMetadata = {},
+          reportedMetadata = {}, desiredVersion = 3, reportedVersion = 1, version = 5, etagNumber = 6 },
+      } }),
+    })))
+    local z, nz = "2026-01-02T03:04:05.0000000Z", "2026-01-02T03:04:05.0000000"
+    shell.write_file(emu.dir .. "/state/jobs.json", assert(core.json_encode({
+      format = "iothub-emulator-jobs/1", clockOffset = 0,
+      jobs = core.json_array({ {
+        jobId = "old-job", type = "scheduleUpdateTwin", status = "completed", queryCondition = "*",
+        start = 1767323045, ttl = 3600, created = 1767323045, started = 1767323045, finished = 1767323046,
+        updateTwin = { etag = "*", tags = { from = "job" } }, resolved = true,
+        rows = core.json_array({ core.json_array({ "legacy-dev", "completed", nz, nz, z, z, core.null, core.null, core.null }) }),
+      } }),
+    })))
+    emu:start()
+    assert.truthy(emu:output():find("imported registry, jobs from the JSON state files", 1, true), emu:output())
+    local function check()
+      local status, twin = emu:api("GET", "/twins/legacy-dev")
+      assert.equal(200, status)
+      assert.equal("json", twin.tags.from)
+      assert.equal(3, twin.properties.desired["$version"])
+      assert.equal(5, twin.version)
+      local _, dev = emu:api("GET", "/devices/legacy-dev")
+      assert.equal(key, dev.authentication.symmetricKey.primaryKey)
+      local _, j = emu:api("GET", "/jobs/v2/old-job")
+      assert.equal("completed", j.status)
+      assert.equal(1, j.deviceJobStatistics.succeededCount)
+      assert.equal(nz, emu:rows("old-job")["legacy-dev"].endTimeUtc)
+      assert.equal(200, (emu:api("GET", "/twins/myDeviceId"))) -- the devices file's too
+    end
+    check()
+    assert.equal(0, emu:stop())
+    local files = select(2, shell.run("ls " .. shell.quote(emu.dir .. "/state")))
+    assert.equal("hub.db\njobs.json.imported\nregistry.json.imported\n", files)
+    emu:start()
+    assert.is_nil(emu:output():find("imported", 1, true))
+    check()
+  end)
+
   it("keeps nothing with --in-memory", function()
     emu = E.start()
     assert.equal(200, (emu:api("PUT", "/jobs/v2/kept", job("kept"))))
     assert.equal(0, emu:stop())
     emu.opts.args = { "--in-memory" }
+    os.remove(emu.dir .. "/state/hub.db")
     emu:start()
     assert.is_nil(emu:output():find("\nstate ", 1, true))
     assert.equal(404, (emu:api("GET", "/jobs/v2/kept")))
+    assert.equal(200, (emu:api("PUT", "/devices/not-kept", { deviceId = "not-kept" })))
+    assert.is_nil(shell.read_file(emu.dir .. "/state/hub.db"))
     local _, body = emu:control("POST", "/_emulator/state/save")
     assert.equal(core.null, body.stateDir)
-  end)
-end)
-
-describe("emulator state store (in process)", function()
-  local registry = require "emulator.registry"
-  local store, dir, phase, pauses
-
-  -- The parts of nginx's API the store uses; a pause yields to the test's coroutine.
-  local function fake_ngx()
-    return {
-      get_phase = function() return phase end,
-      sleep = function() pauses = pauses + 1; coroutine.yield("paused") end,
-      log = function() end, NOTICE = 6, ERR = 4,
-      worker = { exiting = function() return false end },
-    }
-  end
-
-  local function devices_in(path)
-    local t = assert(core.json_decode(assert(shell.read_file(path))))
-    local ids = {}
-    for _, d in ipairs(t.devices) do ids[#ids + 1] = d.deviceId end
-    return ids, t
-  end
-
-  before_each(function()
-    dir = shell.temp_dir("iothub-store-spec")
-    package.loaded["emulator.store"] = nil
-    store = require "emulator.store"
-    store.configure(dir, { slice = 0 }) -- pause after every batch
-    store.register("registry", registry.export_state, registry.import_state)
-    registry.reset()
-    for i = 1, 200 do assert(registry.add({ id = ("dev-%03d"):format(i), tags = { n = i } })) end
-    phase, pauses = "timer", 0
-    _G.ngx = fake_ngx()
-  end)
-
-  after_each(function()
-    _G.ngx = nil
-    registry.reset()
-    package.loaded["emulator.store"] = nil
-    shell.run("rm -rf " .. shell.quote(dir))
-  end)
-
-  it("writes in slices, keeps the old file until the end, and saves each device as it is when written", function()
-    local path = dir .. "/registry.json"
-    shell.write_file(path, '{"format":"iothub-emulator-registry/1","devices":[]}')
-    local save = coroutine.wrap(function() return store.flush(true) end)
-    assert.equal("paused", save()) -- the header is written; no device yet
-    assert.same({}, (devices_in(path)))
-    -- changes between slices: a deleted device is left out, a changed twin saved as it is now
-    assert(registry.delete_device("dev-200"))
-    assert(registry.update_twin("dev-150", { tags = { n = "changed" } }))
-    assert.equal("paused", save())
-    registry.add({ id = "dev-late" }) -- after the listing: left to the next save
-    local result
-    repeat result = save() until result ~= "paused"
-    assert.same({ "registry" }, result)
-    assert.is_true(pauses > 3, pauses .. " pauses") -- 199 devices in batches of 64
-    local ids, t = devices_in(path)
-    assert.equal(199, #ids)
-    assert.equal("dev-001", ids[1])
-    assert.equal("dev-199", ids[199])
-    assert.equal("changed", t.devices[150].twin.tags.n)
-    assert.is_nil(shell.read_file(path .. ".tmp"))
-    -- the streamed file is the table export, and imports
-    registry.delete_device("dev-late")
-    assert.same(core.json_decode(core.json_encode(registry.export_state())), t)
-    assert(registry.import_state(t))
-    assert.equal(199, #registry.list())
-  end)
-
-  it("the shutdown's synchronous write replaces a save paused in a timer", function()
-    local path = dir .. "/registry.json"
-    local save = coroutine.wrap(function() return store.flush(true) end)
-    assert.equal("paused", save())
-    assert.equal("paused", save())
-    assert(registry.delete_device("dev-001"))
-    phase = "exit_worker" -- cannot yield: one synchronous write
-    local n = pauses
-    store.stop()
-    assert.equal(n, pauses)
-    assert.equal(199, #devices_in(path))
-    -- the superseded save ends at its next pause and leaves the new file alone
-    local before = shell.read_file(path)
-    local result = save()
-    assert.same({ "registry" }, result)
-    assert.equal(before, shell.read_file(path))
-    assert.is_nil(shell.read_file(path .. ".tmp"))
   end)
 end)
