@@ -61,3 +61,29 @@ describe("fuzz findings", function()
     assert.same({ ["content-type"] = "a", ["x-a"] = "1 folded, 2" }, h)
   end)
 end)
+
+-- Found by the fuzz targets in fuzz/ (make fuzz); the minimized inputs, one test per finding.
+describe("fuzz findings (fuzz/ targets)", function()
+  local http1 = require "iothub.http1"
+
+  -- A table whose every field read runs a full collection and hands back a fresh copy of the
+  -- value (strings over 40 bytes are not interned, so the copy is a new object): what C reads
+  -- through lua_getfield must stay on the Lua stack while it is used.
+  local function collecting(t)
+    return setmetatable({}, { __index = function(_, k)
+      collectgarbage()
+      local v = t[k]
+      if type(v) == "string" then v = (v .. "#"):sub(1, -2) end
+      return v
+    end })
+  end
+
+  it("monitor_decision keeps a number status alive while it compares it (policy target)", function()
+    -- was: use after free in terminal(): the status string converted from 5 was popped, then
+    -- collected by the next field read
+    local decision, delay = core.monitor_decision(collecting{ status = 5, now = 0, interval = 5 })
+    assert.equal("sleep", decision)
+    assert.equal(5, delay)
+    assert.equal("done", (core.monitor_decision(collecting{ status = "completed" })))
+  end)
+end)
