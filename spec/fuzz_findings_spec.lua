@@ -86,4 +86,14 @@ describe("fuzz findings (fuzz/ targets)", function()
     assert.equal(5, delay)
     assert.equal("done", (core.monitor_decision(collecting{ status = "completed" })))
   end)
+
+  it("build_request keeps the endpoint alive while it copies it (request target)", function()
+    -- was: use after free: the endpoint string was popped before the URL was built from it
+    local host = "https://" .. string.rep("long-hub-name-", 4) .. "x.azure-devices.net"
+    local url = core.build_request(collecting{ endpoint = host .. "/", path = "/jobs/v2/j1",
+      query = { { "api-version", "2021-04-12" } } })
+    assert.equal(host .. "/jobs/v2/j1?api-version=2021-04-12", url)
+    -- the minimized input: a number as the endpoint, converted to a string no table holds
+    assert.equal("7/x", (core.build_request(collecting{ endpoint = 7, path = { "x" } })))
+  end)
 end)
