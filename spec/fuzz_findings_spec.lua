@@ -96,4 +96,26 @@ describe("fuzz findings (fuzz/ targets)", function()
     -- the minimized input: a number as the endpoint, converted to a string no table holds
     assert.equal("7/x", (core.build_request(collecting{ endpoint = 7, path = { "x" } })))
   end)
+
+  it("an empty Content-Length is a bad response, not a Lua error (http1 target)", function()
+    -- was: "attempt to compare number with nil" raised out of read_response
+    for _, value in ipairs({ "", ",", " , " }) do
+      local data = "HTTP/1.1 200 OK\nContent-Length: " .. value .. "\n\nhello"
+      local pos = 1
+      local sock = { receive = function(_, pattern)
+        if pattern == "*l" then
+          local nl = data:find("\n", pos, true)
+          if not nl then return nil, "closed", data:sub(pos) end
+          local line = data:sub(pos, nl - 1)
+          pos = nl + 1
+          return line
+        end
+        return nil, "closed", ""
+      end }
+      local res, err, started = http1.read_response(sock, "GET")
+      assert.is_nil(res)
+      assert.same({ "network", "BadResponse", true }, { err.kind, err.code, started })
+      assert.truthy(contains(err.message, "Content-Length"), err.message)
+    end
+  end)
 end)
