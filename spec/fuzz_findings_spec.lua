@@ -118,4 +118,16 @@ describe("fuzz findings (fuzz/ targets)", function()
       assert.truthy(contains(err.message, "Content-Length"), err.message)
     end
   end)
+
+  it("format_time(parse_time(s)) keeps the milliseconds of times after 2106 (time target)", function()
+    -- was: "6940-02-17T01:57:24.517Z" formatted as .516: past 2106 a double lies more than the
+    -- microsecond the formatter rounded to below the millisecond it stands for
+    for _, s in ipairs({ "6940-02-17T01:57:24.517Z", "2107-01-01T00:00:00.001Z", "2300-05-05T05:05:05.555Z",
+      "9999-12-31T23:59:59.999Z", "0001-03-04T05:06:07.999Z", "1969-12-31T23:59:59.999Z" }) do
+      assert.equal(s, core.format_time(core.parse_time(s)))
+    end
+    -- and it still truncates what is not a whole millisecond
+    assert.equal("1970-01-01T00:00:01.999Z", core.format_time(1.9996))
+    assert.equal("2023-01-01T00:00:00.999Z", core.format_time(1672531200.9999))
+  end)
 end)
