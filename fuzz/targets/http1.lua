@@ -60,5 +60,21 @@ return {
     -- the first line as a URL: parse_url returns a table or nil, message, never raises
     local u, msg = http1.parse_url(stream:match("^[^\n]*"))
     check(u ~= nil or type(msg) == "string", "parse_url failed without a message")
+    -- the next lines as request headers: request_head refuses (raises) or writes them intact
+    if u then
+      local lines = {}
+      for line in stream:gmatch("\n([^\n]*)") do
+        if #lines == 3 then break end
+        lines[#lines + 1] = line
+      end
+      local ok, head = pcall(http1.request_head, method, u, lines, ctl % 3 == 0 and stream or nil)
+      if ok then
+        check(head:sub(-4) == "\r\n\r\n", "the request head does not end with a blank line")
+        check(not head:sub(1, -5):gsub("\r\n", ""):find("[\r\n]"), "a bare CR or LF in the request head")
+        for _, line in ipairs(lines) do check(head:find(line, 1, true), "a header line was changed: %s", line) end
+      else
+        check(type(head) == "string" and head:find("request header", 1, true), "request_head raised: %s", head)
+      end
+    end
   end,
 }
