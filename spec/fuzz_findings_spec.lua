@@ -119,6 +119,17 @@ describe("fuzz findings (fuzz/ targets)", function()
     end
   end)
 
+  it("parse_url refuses a host with control characters or spaces (http1 target)", function()
+    -- was: "https://\1\r" parsed, and request_head wrote "Host: \1\r\r\n": a CR inside the head
+    -- (with a line feed, a host such as "h\r\nX-Evil" would have added a header line)
+    for _, url in ipairs({ "https://\1\r", "https://h\r\nX-Evil/path", "http://a b:80/x", "http://h\0/" }) do
+      local u, msg = http1.parse_url(url)
+      assert.is_nil(u, url)
+      assert.truthy(contains(msg, "spaces or control characters"), msg)
+    end
+    assert.equal("myhub.azure-devices.net", http1.parse_url("https://MyHub.azure-devices.net/x").host)
+  end)
+
   it("format_time(parse_time(s)) keeps the milliseconds of times after 2106 (time target)", function()
     -- was: "6940-02-17T01:57:24.517Z" formatted as .516: past 2106 a double lies more than the
     -- microsecond the formatter rounded to below the millisecond it stands for

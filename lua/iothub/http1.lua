@@ -39,6 +39,7 @@ function M.parse_url(url)
     host, port = authority:match("^([^:]+):?(%d*)$")
   end
   if not host or host == "" then return nil, "URL '" .. url:sub(1, 80) .. "' has no usable host" end
+  if host:find("[%s%c]") then return nil, "URL host must not contain spaces or control characters" end
   if port == "" then
     port = DEFAULT_PORTS[scheme]
   else
