@@ -130,6 +130,23 @@ describe("fuzz findings (fuzz/ targets)", function()
     assert.equal("myhub.azure-devices.net", http1.parse_url("https://MyHub.azure-devices.net/x").host)
   end)
 
+  it("a key glued onto SharedAccessKeyName by a missing ';' is not echoed (sas target)", function()
+    -- was: "connection string has SharedAccessKeyName 'iothubowner SharedAccessKey=<key>' but no
+    -- SharedAccessKey": the whole value, key included, in the message
+    local secret = "c2VjcmV0c2VjcmV0c2VjcmV0"
+    for _, glue in ipairs({ " ", ",", "&sig=", "" }) do
+      local cs = "HostName=h.azure-devices.net;SharedAccessKeyName=iothubowner" .. glue .. "SharedAccessKey=" .. secret
+      local ok, msg, code = core.parse_connection_string(cs)
+      assert.is_nil(ok)
+      assert.equal("InvalidConnectionString", code)
+      assert.is_nil(msg:find(secret, 1, true), msg)
+      assert.truthy(contains(msg, "is a ';' missing?"), msg)
+    end
+    -- a name that looks like one is still shown
+    local _, msg = core.parse_connection_string("HostName=h.azure-devices.net;SharedAccessKeyName=iothubowner")
+    assert.truthy(contains(msg, "SharedAccessKeyName 'iothubowner' but no SharedAccessKey"), msg)
+  end)
+
   it("format_time(parse_time(s)) keeps the milliseconds of times after 2106 (time target)", function()
     -- was: "6940-02-17T01:57:24.517Z" formatted as .516: past 2106 a double lies more than the
     -- microsecond the formatter rounded to below the millisecond it stands for

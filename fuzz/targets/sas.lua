@@ -21,20 +21,21 @@ local function rotate(value)
   end))
 end
 
--- Where the value of the part whose key is `name` lies (parts split on the bytes of sep, key
--- and value trimmed, the key compared ignoring case, as the parsers do), if it has 12 bytes.
+-- Where a value following `name=` lies (name matched ignoring case, after a byte that is not
+-- a letter or digit, so that a key glued onto another part by a missing separator counts too;
+-- the value runs to the next byte of sep, trimmed), if it has 12 bytes.
 local function secret_span(data, name, sep)
-  local pos = 1
-  while pos <= #data + 1 do
-    local stop = data:find("[" .. sep .. "]", pos) or #data + 1
-    local part = data:sub(pos, stop - 1)
-    local eq = part:find("=", 1, true)
-    if eq and part:sub(1, eq - 1):match("^%s*(.-)%s*$"):lower() == name:lower() then
-      local vs = eq + #part:sub(eq + 1):match("^%s*") + 1
-      local ve = #part - #part:match("%s*$")
-      if ve - vs + 1 >= 12 then return pos + vs - 1, pos + ve - 1 end
+  local lower, pat = data:lower(), name:lower() .. "="
+  local at = lower:find(pat, 1, true)
+  while at do
+    if at == 1 or not data:sub(at - 1, at - 1):find("%w") then
+      local vs = at + #pat
+      local stop = (data:find("[" .. sep .. "]", vs) or #data + 1) - 1
+      vs = vs + #data:sub(vs, stop):match("^%s*")
+      local ve = stop - #data:sub(vs, stop):match("%s*$")
+      if ve - vs + 1 >= 12 then return vs, ve end
     end
-    pos = stop + 1
+    at = lower:find(pat, at + 1, true)
   end
   return nil
 end
