@@ -42,7 +42,7 @@ int clock_format_iso8601(double epoch, char out[32]) {
    * microsecond after 2106. When epoch is exactly the double parse_time makes of the next
    * millisecond, that millisecond is what it stands for. */
   whole = floor(epoch);
-  ms = iothub_clamp_int64((epoch - whole) * 1000.0, 0, 999); /* epoch - whole is exact */
+  ms = iothub_clamp_int64((epoch - whole) * 1000.0, 0, 999); /* the difference is exact but just below 0 */
   if (whole + (double)(ms + 1) / 1000.0 == epoch) ms++; /* never 1000: epoch < whole + 1 */
   if (!iothub_whole_int64(whole, &sec)) return -1;
   t = (time_t)sec;
