@@ -9,3 +9,5 @@ files["spec/support/server/"] = { std = "+ngx_lua" }
 files["bench/"] = { allow_defined_top = true }
 -- The emulator runs inside nginx's LuaJIT.
 files["emulator/"] = { std = "ngx_lua" }
+-- The fuzz targets run only in the Lua 5.4 state of fuzz/harness.c.
+files["fuzz/"] = { std = "lua54" }

@@ -26,6 +26,13 @@ CORE_SRC = csrc/core.c csrc/sas.c csrc/codec.c csrc/json.c csrc/clock.c \
 CURL_SRC = csrc/curl.c
 HEADERS  = $(wildcard csrc/*.h)
 
+# Specs that start no server or emulator (make asan and make valgrind run these).
+UNIT_SPECS = spec/clock_spec.lua spec/codec_spec.lua spec/dashboard_spec.lua spec/definitions_spec.lua \
+             spec/emulator_devices_spec.lua spec/fuzz_findings_spec.lua spec/http1_spec.lua \
+             spec/jobs_spec.lua spec/json_spec.lua spec/misuse_spec.lua spec/monitor_spec.lua \
+             spec/pipeline_spec.lua spec/query_spec.lua spec/registry_spec.lua spec/sas_spec.lua \
+             spec/validate_spec.lua
+
 PREFIX          ?= /usr/local
 LUA_CMODULE_DIR ?= $(PREFIX)/lib/lua/$(LUA_VERSION)
 LUA_MODULE_DIR  ?= $(PREFIX)/share/lua/$(LUA_VERSION)
@@ -79,6 +86,8 @@ test-lua54: all
 
 test-luajit: luajit
 	$(BUSTED) --lua=$(LUAJIT) -r luajit spec
+
+include fuzz/fuzz.mk
 
 lint:
 	luacheck .

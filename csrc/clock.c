@@ -1,6 +1,7 @@
 /* clock.c: monotonic and wall time, sleep, ISO-8601 UTC format/parse, isatty, rusage. */
 #define _GNU_SOURCE /* timegm */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -31,19 +32,19 @@ double clock_walltime(void) {
 }
 
 int clock_format_iso8601(double epoch, char out[32]) {
-  long long us, sec, ms;
+  long long sec, ms;
+  double whole;
   time_t t;
   struct tm tm;
   if (!(epoch >= MIN_EPOCH && epoch < MAX_EPOCH)) return -1; /* also rejects NaN */
-  /* Round to whole microseconds first so that e.g. x.123 (stored as x.12299999...) still
-   * shows .123; then truncate to milliseconds as JavaScript's toISOString does. */
-  {
-    double x = epoch * 1e6; /* round half away from zero without needing libm */
-    us = (long long)(x >= 0 ? x + 0.5 : x - 0.5);
-  }
-  sec = us / 1000000;
-  if (us % 1000000 < 0) sec--; /* floor division for times before 1970 */
-  ms = (us - sec * 1000000) / 1000;
+  /* Milliseconds are truncated, as JavaScript's toISOString does; but a time read as x.123 is
+   * the double nearest to it, which may lie just below (x.12299999...), by more than a
+   * microsecond after 2106. When epoch is exactly the double parse_time makes of the next
+   * millisecond, that millisecond is what it stands for. */
+  whole = floor(epoch);
+  ms = iothub_clamp_int64((epoch - whole) * 1000.0, 0, 999); /* the difference is exact but just below 0 */
+  if (whole + (double)(ms + 1) / 1000.0 == epoch) ms++; /* never 1000: epoch < whole + 1 */
+  if (!iothub_whole_int64(whole, &sec)) return -1;
   t = (time_t)sec;
   if (!gmtime_r(&t, &tm)) return -1;
   if (tm.tm_year + 1900 > 9999 || tm.tm_year + 1900 < 0) return -1;

@@ -17,12 +17,11 @@ static double opt_number(lua_State *L, int t, const char *key, double dflt) {
   return v;
 }
 
+/* Leaves the field on the stack, the one place that keeps the string alive: a number converted
+ * to a string, or a string an __index metamethod made, is anchored nowhere else. */
 static const char *opt_string(lua_State *L, int t, const char *key) {
-  const char *s;
   lua_getfield(L, t, key);
-  s = lua_isnil(L, -1) ? NULL : lua_tostring(L, -1);
-  lua_pop(L, 1); /* the string stays alive: it is anchored in the table */
-  return s;
+  return lua_isnil(L, -1) ? NULL : lua_tostring(L, -1);
 }
 
 static int opt_bool(lua_State *L, int t, const char *key) {

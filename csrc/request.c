@@ -107,11 +107,10 @@ static int l_build_request(lua_State *L) {
   int lines;
 
   luaL_checktype(L, 1, LUA_TTABLE);
-  lua_getfield(L, 1, "endpoint");
+  lua_getfield(L, 1, "endpoint"); /* left on the stack: the one sure reference to s */
   s = lua_tolstring(L, -1, &len);
   if (!s) return luaL_error(L, "field 'endpoint' must be a string");
   while (len > 0 && s[len - 1] == '/') len--; /* "https://h/" and "https://h" mean the same */
-  lua_pop(L, 1);
 
   check_pairs(L, 1, "query");
   check_pairs(L, 1, "headers");

@@ -474,6 +474,14 @@ static int l_parse_connection_string(lua_State *L) {
                        "SharedAccessKeyName=<policy name>, e.g. iothubowner");
   if (val[C_KEYNAME] && !val[C_KEY] && !val[C_SIG]) {
     char shown[ECHO_MAX + 8];
+    /* A missing ';' glues the key onto the name ("iothubowner SharedAccessKey=..."): only a
+     * name that looks like one is shown. */
+    if (!safe_to_echo_name(val[C_KEYNAME], vlen[C_KEYNAME]))
+      return iothub_fail(L, "InvalidConnectionString",
+                         "connection string has a SharedAccessKeyName (%d characters, not shown in case it "
+                         "holds key material; is a ';' missing?) but no SharedAccessKey; add "
+                         "SharedAccessKey=<the policy's primary or secondary key>",
+                         (int)vlen[C_KEYNAME]);
     echo_copy(shown, sizeof shown, val[C_KEYNAME], vlen[C_KEYNAME]);
     return iothub_fail(L, "InvalidConnectionString",
                        "connection string has SharedAccessKeyName '%s' but no SharedAccessKey; add "

@@ -40,6 +40,7 @@ function M.parse_url(url)
     host, port = authority:match("^([^:]+):?(%d*)$")
   end
   if not host or host == "" then return nil, "URL '" .. url:sub(1, 80) .. "' has no usable host" end
+  if host:find("[%s%c]") then return nil, "URL host must not contain spaces or control characters" end
   if port == "" then
     port = DEFAULT_PORTS[scheme]
   else
@@ -262,14 +263,16 @@ function M.read_response(sock, method, opts)
     end
   elseif cl then
     -- Repeated identical values ("5, 5") are allowed; differing ones mean the framing is unknown.
-    local n
+    -- An empty value (or only commas) gives no length at all.
+    local n, bad = nil, false
     for item in cl:gmatch("[^,]+") do
       local v = item:match("^%s*(%d+)%s*$")
-      if not v or (n and tonumber(v) ~= n) then
-        local _, e = bad_response(where, "Content-Length '" .. cl:sub(1, 40) .. "'")
-        return nil, e, true
-      end
+      if not v or (n and tonumber(v) ~= n) then bad = true break end
       n = tonumber(v)
+    end
+    if bad or not n then
+      local _, e = bad_response(where, "Content-Length '" .. cl:sub(1, 40) .. "'")
+      return nil, e, true
     end
     if n > max_body then
       local _, e = too_large(where, max_body)
