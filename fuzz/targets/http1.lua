@@ -14,7 +14,7 @@ local check = fz.check
 http1.MAX_HEADER_BYTES = 600
 
 local METHODS = { "GET", "PUT", "POST", "DELETE", "HEAD", "PATCH", "GET", "GET" }
-local KINDS = { network = true, timeout = true }
+local KINDS = { network = true, timeout = true, protocol = true }
 
 local function socket(data, timeout_at)
   local pos = 1
