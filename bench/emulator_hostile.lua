@@ -1,5 +1,5 @@
 -- The normal client's getJob latency while hostile clients attack the emulator: for each
--- attack (spec/emulator_hostile_spec.lua has the same cases, asserting the refusals), a
+-- attack (spec/emulator/hostile_spec.lua has the same cases, asserting the refusals), a
 -- separate attacker process (this script again, with --attack) hammers the emulator as fast
 -- as it can, and this process times `calls` getJobs by the project's own client over one
 -- keep-alive connection, a few ms apart. Prints p50 / p99 / max per attack (target: under

@@ -58,7 +58,7 @@ $(ASAN_BUILD)/iothub/curl.so: $(CURL_SRC) $(HEADERS) $(FUZZ_LUA)/liblua.a
 asan-build: $(ASAN_BUILD)/iothub/core.so $(ASAN_BUILD)/iothub/curl.so $(FUZZ_LUA)/lua
 
 asan: asan-build
-	$(ASAN_ENV) $(FUZZ_LUA)/lua /usr/bin/busted --cpath='$(ASAN_BUILD)/?.so' -o utfTerminal $(UNIT_SPECS)
+	$(ASAN_ENV) $(FUZZ_LUA)/lua /usr/bin/busted --cpath='$(ASAN_BUILD)/?.so' -o $(BUSTED_OUTPUT) $(UNIT_SPECS)
 
 # Debian's lua5.4 and the regular -O2 build of the modules, under memcheck. Definite and indirect
 # leaks are errors; no suppression file is needed: the run is clean with Debian 12's lua5.4,
@@ -67,4 +67,4 @@ VALGRIND_FLAGS ?= --error-exitcode=1 --leak-check=full --show-leak-kinds=definit
   --errors-for-leak-kinds=definite,indirect --num-callers=30
 
 valgrind: all
-	valgrind -q $(VALGRIND_FLAGS) $(LUA) /usr/bin/busted -o utfTerminal $(UNIT_SPECS)
+	valgrind -q $(VALGRIND_FLAGS) $(LUA) /usr/bin/busted -o $(BUSTED_OUTPUT) $(UNIT_SPECS)

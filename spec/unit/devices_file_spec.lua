@@ -1,8 +1,8 @@
 -- In-process checks of the emulator's devices file, registry, simulation knobs and auth
 -- policies (no nginx: a fake clock drives waits and latencies, so these run in
--- milliseconds). The same modules run inside nginx; spec/emulator_registry_spec.lua
+-- milliseconds). The same modules run inside nginx; spec/emulator/registry_spec.lua
 -- checks them over the wire.
---   busted --lua=lua5.4 spec/emulator_devices_spec.lua
+--   busted --lua=lua5.4 spec/unit/devices_file_spec.lua
 local core = require "iothub.core"
 local registry = require "emulator.registry"
 local methods = require "emulator.methods"

@@ -2,8 +2,8 @@
 -- the master and the worker in the middle of a 10,000-device twin job, after a burst of
 -- acknowledged changes, and a crash of the worker alone (the master respawns it), each
 -- followed by a comparison with what the client was told before.
---   busted --lua=lua5.4 spec/emulator_crash_spec.lua
---   busted --lua=luajit -r luajit spec/emulator_crash_spec.lua
+--   busted --lua=lua5.4 spec/emulator/crash_spec.lua
+--   busted --lua=luajit -r luajit spec/emulator/crash_spec.lua
 local core = require "iothub.core"
 local shell = require "support.shell"
 local E = require "support.emulator_process"

@@ -2,8 +2,8 @@
 -- an instruction cap and a wall-clock cap, each firing with a message that names the file, the
 -- limit and how to raise it; definitions files (iothub.definitions, the CLI) and devices files
 -- (emulator/devices_file.lua, their handlers in emulator/methods.lua) both run in it.
--- spec/emulator_sandbox_spec.lua covers bin/iothub-emulator and handlers inside nginx.
---   busted --lua=lua5.4 spec/sandbox_spec.lua
+-- spec/emulator/sandbox_spec.lua covers bin/iothub-emulator and handlers inside nginx.
+--   busted --lua=lua5.4 spec/unit/sandbox_spec.lua
 local core = require "iothub.core"
 local definitions = require "iothub.definitions"
 local devices_file = require "emulator.devices_file"

@@ -1,7 +1,7 @@
 -- The emulator's job engine end to end: lifecycle, device rows and live statistics, pacing,
 -- maxExecutionTimeInSeconds, connect timeouts, cancel, validation and error envelopes,
 -- listing with filters and paging, tiers and 429004, and our Lua client against it.
---   busted --lua=lua5.4 spec/emulator_jobs_spec.lua
+--   busted --lua=lua5.4 spec/emulator/jobs_spec.lua
 local core = require "iothub.core"
 local iothub = require "iothub"
 local shell = require "support.shell"

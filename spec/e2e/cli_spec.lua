@@ -3,7 +3,7 @@
 -- tutorial's devices (examples/devices.lua) and the rollout fleet (examples/fleet-devices.lua).
 -- "Sends nothing" is proved with the emulator's own access log. A pty (util-linux `script`)
 -- shows the progress bar and Ctrl-C.
---   busted --lua=lua5.4 spec/cli_spec.lua
+--   busted --lua=lua5.4 spec/e2e/cli_spec.lua
 local core = require "iothub.core"
 local shell = require "support.shell"
 local emulator_process = require "support.emulator_process"

@@ -1,7 +1,7 @@
 -- The emulator's test controls under /_emulator/: auth, reset, the request log, fault
 -- injection (status, delay, drop), the advanceable clock, run-time settings, device
 -- connection and the state save. Starts the real launcher (no --dir: nothing persists).
---   busted --lua=lua5.4 spec/emulator_control_spec.lua
+--   busted --lua=lua5.4 spec/emulator/control_spec.lua
 local core = require "iothub.core"
 local E = require "support.emulator_process"
 local inner_error, job, sleep = E.inner_error, E.job, E.sleep

@@ -1,6 +1,6 @@
 -- End-to-end checks of the local IoT Hub emulator: starts bin/iothub-emulator with
 -- examples/devices.lua on free ports (HTTP and HTTPS) and talks to it over real HTTP.
---   busted --lua=lua5.4 spec/emulator_spec.lua
+--   busted --lua=lua5.4 spec/emulator/service_spec.lua
 local core = require "iothub.core"
 local shell = require "support.shell"
 local E = require "support.emulator_process"

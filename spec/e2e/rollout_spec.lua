@@ -1,7 +1,7 @@
 -- iothub.rollout: splitting long device lists, staged rollouts with gates, resuming by
 -- deterministic ids. The pure parts offline; the rest against a real bin/iothub-emulator
 -- (a fleet written by this spec, --max-active-jobs 2 so 429004 really happens).
---   busted --lua=lua5.4 spec/rollout_spec.lua
+--   busted --lua=lua5.4 spec/e2e/rollout_spec.lua
 local core = require "iothub.core"
 local Rollout = require "iothub.rollout"
 local definitions = require "iothub.definitions"

@@ -1,8 +1,8 @@
 -- bin/iothub-emulator with a devices file that hits a sandbox limit (csrc/sandbox.c): refused
 -- before nginx starts with "file:line: what" and a non-zero exit, never a traceback or a hung
 -- start; and a devices file's handlers inside nginx, whose loops fail the call instead of
--- holding the worker. spec/sandbox_spec.lua covers the limits in-process.
---   busted --lua=lua5.4 spec/emulator_sandbox_spec.lua
+-- holding the worker. spec/unit/sandbox_spec.lua covers the limits in-process.
+--   busted --lua=lua5.4 spec/emulator/sandbox_spec.lua
 local emulator = require "support.emulator_process"
 local shell = require "support.shell"
 

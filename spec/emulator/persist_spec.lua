@@ -2,9 +2,9 @@
 -- clock survive a stop/start; a job running at shutdown resumes; each change is in the
 -- database, for another reader too, before the emulator answers; the JSON state files of
 -- earlier versions are imported once; a broken database or state file stops the start with
--- a message naming it; --in-memory keeps nothing. Crashes: spec/emulator_crash_spec.lua.
---   busted --lua=lua5.4 spec/emulator_persist_spec.lua
---   busted --lua=luajit -r luajit spec/emulator_persist_spec.lua
+-- a message naming it; --in-memory keeps nothing. Crashes: spec/emulator/crash_spec.lua.
+--   busted --lua=lua5.4 spec/emulator/persist_spec.lua
+--   busted --lua=luajit -r luajit spec/emulator/persist_spec.lua
 local core = require "iothub.core"
 local shell = require "support.shell"
 local E = require "support.emulator_process"

@@ -1,8 +1,8 @@
 -- The IoT Hub query language of the C core (csrc/query.c) and the emulator's wrapper
 -- (emulator/query.lua): grammar, evaluation semantics, errors with columns, projections,
 -- aggregates and paging.
---   busted --lua=lua5.4 spec/query_spec.lua
---   busted --lua=luajit -r luajit spec/query_spec.lua
+--   busted --lua=lua5.4 spec/unit/query_spec.lua
+--   busted --lua=luajit -r luajit spec/unit/query_spec.lua
 local core = require "iothub.core"
 local equery = require "emulator.query"
 

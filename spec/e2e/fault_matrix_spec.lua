@@ -4,7 +4,7 @@
 -- retry, none lost, no false failure, never a Lua error, never a secret repeated.
 -- Real launcher (nginx), real libcurl. Each fault hits the operation's request once, on a
 -- fresh client (so on a fresh connection: libcurl's silent resend never hides it).
---   busted --lua=lua5.4 spec/fault_matrix_spec.lua
+--   busted --lua=lua5.4 spec/e2e/fault_matrix_spec.lua
 local core = require "iothub.core"
 local iothub = require "iothub"
 local E = require "support.emulator_process"

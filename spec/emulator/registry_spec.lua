@@ -1,7 +1,7 @@
 -- End-to-end checks of the emulator's shared access policies, identity registry, twins
 -- and direct methods over real HTTP: bin/iothub-emulator runs (HTTP only, nothing kept)
 -- with a devices file this spec writes, driven through iothub.curl and the Lua client.
---   busted --lua=lua5.4 spec/emulator_registry_spec.lua
+--   busted --lua=lua5.4 spec/emulator/registry_spec.lua
 local core = require "iothub.core"
 local iothub = require "iothub"
 local auth = require "emulator.auth"

@@ -1,7 +1,7 @@
 -- Job definition files (iothub.definitions): the sandboxed DSL, validation with file:line
 -- and field for every problem, durations/start times, and content hashes. Offline: a file
 -- that does not load never reaches a client (cli_spec proves the same against the emulator).
---   busted --lua=lua5.4 spec/definitions_spec.lua
+--   busted --lua=lua5.4 spec/unit/definitions_spec.lua
 local core = require "iothub.core"
 local definitions = require "iothub.definitions"
 local shell = require "support.shell"
