@@ -620,7 +620,10 @@ static int l_run(lua_State *L) {
   leave(L, &sb);
   settle_refusal(&sb);
 
-  if (status != 0) return run_failure(L, co, &sb, status);
+  /* A limit that fired fails the run even when the code caught the error and returned: a
+   * pcall around a refused allocation (the loader's own, or the file's) must not turn it into
+   * an ordinary error message or a success. */
+  if (status != 0 || sb.tripped) return run_failure(L, co, &sb, status);
   if (!lua_checkstack(L, nres + 1)) return iothub_fail(L, "error", "sandbox_run: too many results (%d)", nres);
   lua_pushboolean(L, 1);
   lua_xmove(co, L, nres);

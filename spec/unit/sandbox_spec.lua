@@ -94,6 +94,12 @@ describe("sandbox runner", function()
       { memory = 16 * MB })
     assert.is_nil(ok)
     assert.equal("memory", code, message)
+    -- ... and so does one caught once, after which the file returns normally
+    ok, message, code = run("local t = {}\nlocal ok = pcall(function() while true do t[#t + 1] = string.rep('x', 1e6) .. #t end end)\n" ..
+      "t = nil\nreturn ok\n", { memory = 16 * MB })
+    assert.is_nil(ok)
+    assert.equal("memory", code, message)
+    assert.matches("stopped after using 16 MB of memory", message)
     -- outside the sandbox the same allocation succeeds
     local big = string.rep("y", 32 * MB)
     assert.equal(32 * MB, #big)
