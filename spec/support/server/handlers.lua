@@ -156,6 +156,7 @@ end
 --        "completed"; each read waits 50 ms and is counted in the inflight statistics, so a
 --        spec can see that many monitors overlapped.
 --   GET  /sim/jobs/v2/<other id>       a completed job at once (benchmarks)
+--   PUT  /sim/jobs/v2/<id>             the job request echoed back, status "queued"
 --   POST /sim/devices/query            devices.jobs rows for jobId 'rows<N>', paged by the
 --        x-ms-max-item-count / x-ms-continuation headers (continuation = next offset)
 local SIM_JOB = '{"jobId":"%s","type":"scheduleDeviceMethod","status":"%s","queryCondition":"*",' ..
@@ -172,6 +173,12 @@ function M.sim()
   local uri = ngx.var.uri
   ngx.header["Content-Type"] = "application/json; charset=utf-8"
   local id = uri:match("^/sim/jobs/v2/([^/]+)$")
+  if id and ngx.req.get_method() == "PUT" then -- the job as asked, queued (benchmarks)
+    local job = cjson.decode(body())
+    job.status, job.createdTime = "queued", "2026-11-22T10:00:00.0000000Z"
+    ngx.print(cjson.encode(job))
+    return
+  end
   if id and ngx.req.get_method() == "GET" then
     local polls = tonumber(id:match("^poll(%d+)%-"))
     if not polls then
