@@ -83,6 +83,36 @@ static int l_check_job_id(lua_State *L) {
   return 1;
 }
 
+/* ---- deviceId ---- */
+
+#define DEVICE_ID_MAX 128
+#define DEVICE_ID_PUNCT "-:.+%_#*?!(),=@;$'"
+
+/* IoT Hub's device-id rule (the client, the CLI, definitions files and the emulator all ask
+ * this one): 1 to 128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ ' */
+static int l_check_device_id(lua_State *L) {
+  size_t n, i;
+  const char *s;
+  if (lua_type(L, 1) != LUA_TSTRING)
+    return iothub_fail(L, CODE, "deviceId must be a string, got %s", luaL_typename(L, 1));
+  s = lua_tolstring(L, 1, &n);
+  if (n == 0) return iothub_fail(L, CODE, "deviceId must not be empty");
+  if (n > DEVICE_ID_MAX)
+    return iothub_fail(L, CODE, "deviceId is %d characters long; IoT Hub allows at most %d", (int)n, DEVICE_ID_MAX);
+  for (i = 0; i < n; i++) {
+    if (!is_alnum(s[i]) && (s[i] == '\0' || !strchr(DEVICE_ID_PUNCT, s[i]))) {
+      char shown[ECHO_MAX + 8], what[40];
+      echo_copy(shown, sizeof shown, s, n, ECHO_MAX);
+      describe_byte(what, sizeof what, (unsigned char)s[i]);
+      return iothub_fail(L, CODE, "deviceId '%s' has a character IoT Hub does not allow at position %d (%s); "
+                                  "use letters, digits and - : . + %% _ # * ? ! ( ) , = @ ; $ '",
+                         shown, (int)(i + 1), what);
+    }
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* ---- queryCondition ---- */
 
 /* The text of s after offset from, trimmed and echoed for a hint; 0 when there is none. */
@@ -391,6 +421,7 @@ static int l_check_integer_range(lua_State *L) {
 int validate_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"check_job_id", l_check_job_id},
+    {"check_device_id", l_check_device_id},
     {"check_query_condition", l_check_query_condition},
     {"check_properties", l_check_properties},
     {"check_integer_range", l_check_integer_range},

@@ -25,6 +25,8 @@ end
 return function(data)
   local ok = expect_result("check_job_id", core.check_job_id(data))
   check(ok == (#data >= 1 and #data <= 64 and not data:find("[^%w%-]")), "check_job_id(%s) = %s", data, ok)
+  ok = expect_result("check_device_id", core.check_device_id(data))
+  check(not ok or (#data >= 1 and #data <= 128 and not data:find("%c")), "check_device_id(%s) = %s", data, ok)
 
   expect_result("check_query_condition", core.check_query_condition(data))
 

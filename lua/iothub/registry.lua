@@ -10,22 +10,11 @@ local Registry = {}
 Registry.__index = Registry
 require("iothub.client").add_constructors(Registry)
 
--- Device ids: at most 128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '
+-- Device ids follow IoT Hub's rule, which lives in the C core (core.check_device_id).
 local function check_device_id(device_id, operation)
   if type(device_id) ~= "string" then errors.misuse("deviceId must be a string, got " .. type(device_id)) end
-  local message
-  if device_id == "" then
-    message = "deviceId must not be empty"
-  elseif #device_id > 128 then
-    message = "deviceId is " .. #device_id .. " characters long; IoT Hub allows at most 128"
-  else
-    local bad = device_id:find("[^%w%-:%.%+%%_#%*%?!%(%),=@;%$']")
-    if bad then
-      message = ("deviceId '%s' has a character IoT Hub does not allow at position %d; " ..
-        "use letters, digits and - : . + %% _ # * ? ! ( ) , = @ ; $ '"):format(device_id:sub(1, 64), bad)
-    end
-  end
-  if message then return nil, errors.invalid(message, { operation = operation, target = device_id }) end
+  local ok, message = core.check_device_id(device_id)
+  if not ok then return nil, errors.invalid(message, { operation = operation, target = device_id }) end
   return true
 end
 
