@@ -21,7 +21,7 @@ CURL_LIBS    ?= $(shell pkg-config --libs libcurl 2>/dev/null || echo -lcurl)
 CRYPTO_LIBS  ?= $(shell pkg-config --libs libcrypto 2>/dev/null || echo -lcrypto)
 
 CORE_SRC = csrc/core.c csrc/sas.c csrc/codec.c csrc/json.c csrc/clock.c \
-           csrc/validate.c csrc/request.c csrc/policy.c csrc/query.c \
+           csrc/validate.c csrc/request.c csrc/job_request.c csrc/policy.c csrc/query.c \
            csrc/sandbox.c
 CURL_SRC = csrc/curl.c
 HEADERS  = $(wildcard csrc/*.h)

@@ -116,9 +116,7 @@ static int days_in_month(int y, int m) {
 static const char *const MONTHS[12] = {"January", "February", "March", "April", "May", "June", "July",
                                        "August", "September", "October", "November", "December"};
 
-static int l_parse_time(lua_State *L) {
-  size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
+int clock_parse_iso8601(lua_State *L, const char *s, size_t n, double *epoch) {
   const char *p = s, *end = s + n;
   int Y, M, D, h = 0, mi = 0, sec = 0, off = 0;
   double frac = 0;
@@ -137,15 +135,15 @@ static int l_parse_time(lua_State *L) {
   }
 
 #define BAD(why) \
-  return iothub_fail(L, "InvalidTime", "time '%s' is not valid: %s; " TIME_FORMATS, shown, why)
+  do { lua_pushfstring(L, "time '%s' is not valid: %s; " TIME_FORMATS, shown, why); return -1; } while (0)
 
   if ((Y = digits(&p, end, 4)) < 0 || p >= end || *p++ != '-' || (M = digits(&p, end, 2)) < 0 ||
       p >= end || *p++ != '-' || (D = digits(&p, end, 2)) < 0)
     BAD("the date part is not YYYY-MM-DD");
   if (M < 1 || M > 12) BAD("the month must be 01 to 12");
   if (D < 1 || D > days_in_month(Y, M)) {
-    return iothub_fail(L, "InvalidTime", "time '%s' is not valid: %s %d has no day %d; " TIME_FORMATS,
-                       shown, MONTHS[M - 1], Y, D);
+    lua_pushfstring(L, "time '%s' is not valid: %s %d has no day %d; " TIME_FORMATS, shown, MONTHS[M - 1], Y, D);
+    return -1;
   }
   if (p < end) {
     if (*p != 'T' && *p != 't' && *p != ' ') BAD("the date must be followed by 'T' (or a space) and a time");
@@ -195,7 +193,21 @@ static int l_parse_time(lua_State *L) {
   tm.tm_min = mi;
   tm.tm_sec = sec;
   t = timegm(&tm); /* fields were validated above, so no normalisation happens */
-  lua_pushnumber(L, (lua_Number)t - off + frac);
+  *epoch = (double)t - off + frac;
+  return 0;
+}
+
+static int l_parse_time(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  double epoch;
+  if (clock_parse_iso8601(L, s, n, &epoch) != 0) {
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    lua_pushliteral(L, "InvalidTime");
+    return 3;
+  }
+  lua_pushnumber(L, epoch);
   return 1;
 }
 

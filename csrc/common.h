@@ -45,7 +45,8 @@ int codec_open(lua_State *L);    /* codec.c: base64, strict URL encoding, uuid4 
 int json_open(lua_State *L);     /* json.c: exact-number JSON codec */
 int clock_open(lua_State *L);    /* clock.c: monotonic/wall time, sleep, ISO-8601, isatty, rusage */
 int validate_open(lua_State *L); /* validate.c: job ids, query conditions, properties, timeouts */
-int request_open(lua_State *L);  /* request.c: URL, headers and job request bodies */
+int request_open(lua_State *L);  /* request.c: URLs and header lines */
+int job_request_open(lua_State *L); /* job_request.c: every check of a job request, and its body */
 int policy_open(lua_State *L);   /* policy.c: retry backoff and monitor decisions */
 int query_open(lua_State *L);    /* query.c: the IoT Hub query language (after json_open) */
 int sandbox_open(lua_State *L);  /* sandbox.c: memory, instruction and time limits for untrusted Lua */

@@ -11,6 +11,7 @@ int luaopen_iothub_core(lua_State *L) {
   clock_open(L);
   validate_open(L);
   request_open(L);
+  job_request_open(L);
   policy_open(L);
   query_open(L);
   sandbox_open(L);

@@ -4,6 +4,7 @@
 #include <string.h>
 #include "common.h"
 #include "query.h"
+#include "validate.h"
 
 #define CODE "InvalidArgument"
 #define JOB_ID_MAX 64
@@ -60,27 +61,47 @@ static int ieq_prefix(const char *s, size_t n, const char *word) {
 
 /* ---- jobId ---- */
 
-static int l_check_job_id(lua_State *L) {
-  size_t n, i;
-  const char *s = luaL_checklstring(L, 1, &n);
-  if (n == 0)
-    return iothub_fail(L, CODE, "jobId is empty; use 1 to 64 characters: letters, digits and '-'");
-  if (n > JOB_ID_MAX)
-    return iothub_fail(L, CODE, "jobId is %d characters long; IoT Hub allows at most 64; use a shorter id "
-                                "(letters, digits and '-')",
-                       (int)n);
+/* 0 when s is a valid job id, else 1 with the message pushed. */
+int validate_job_id(lua_State *L, const char *s, size_t n) {
+  size_t i;
+  if (n == 0) {
+    lua_pushliteral(L, "jobId is empty; use 1 to 64 characters: letters, digits and '-'");
+    return 1;
+  }
+  if (n > JOB_ID_MAX) {
+    lua_pushfstring(L, "jobId is %d characters long; IoT Hub allows at most 64; use a shorter id "
+                       "(letters, digits and '-')", (int)n);
+    return 1;
+  }
   for (i = 0; i < n; i++) {
     if (!is_alnum(s[i]) && s[i] != '-') {
       char shown[ECHO_MAX + 8], what[40];
       echo_copy(shown, sizeof shown, s, n, ECHO_MAX);
       describe_byte(what, sizeof what, (unsigned char)s[i]);
-      return iothub_fail(L, CODE, "jobId '%s' is invalid: character %d (%s) is not allowed; use only "
-                                  "letters, digits and '-'",
-                         shown, (int)(i + 1), what);
+      lua_pushfstring(L, "jobId '%s' is invalid: character %d (%s) is not allowed; use only "
+                         "letters, digits and '-'", shown, (int)(i + 1), what);
+      return 1;
     }
   }
-  lua_pushboolean(L, 1);
-  return 1;
+  return 0;
+}
+
+/* Turns a helper's 0 / 1-with-message into the Lua convention: true | nil, message, code. */
+static int result(lua_State *L, int failed) {
+  if (!failed) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_insert(L, -2);
+  lua_pushliteral(L, CODE);
+  return 3;
+}
+
+static int l_check_job_id(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  return result(L, validate_job_id(L, s, n));
 }
 
 /* ---- deviceId ---- */
@@ -129,39 +150,51 @@ static int hint_after(char *hint, size_t hintsz, const char *s, size_t n, size_t
 
 /* Compiles the condition with the query language itself (query.c); the mistakes people make
  * most (an empty condition, a long device list, a whole SELECT, a leading WHERE) get hints. */
-static int l_check_query_condition(lua_State *L) {
-  size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
+/* Pushes the formatted message and returns 1 (a failed check). */
+static int fail_msg(lua_State *L, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  return 1;
+}
+
+int validate_condition(lua_State *L, const char *s, size_t n) {
   char msg[512], hint[HINT_MAX + 8];
   switch (query_check_condition(s, n, msg, sizeof msg)) {
     case QUERY_OK:
-      lua_pushboolean(L, 1);
-      return 1;
+      return 0;
     case QUERY_EMPTY:
-      return iothub_fail(L, CODE, "queryCondition is empty; use \"*\" to target all devices, or a condition "
+      return fail_msg(L, "queryCondition is empty; use \"*\" to target all devices, or a condition "
                                   "such as deviceId = 'myDevice' or tags.building = '43'");
     case QUERY_TOO_LONG:
-      return iothub_fail(L, CODE, "queryCondition is %d characters long; the service rejects conditions longer "
+      return fail_msg(L, "queryCondition is %d characters long; the service rejects conditions longer "
                                   "than %d characters; target the devices by a tag (e.g. tags.rollout = "
                                   "'wave1') or split the device list across several jobs",
                          (int)query_char_count(s, n), QUERY_MAX_LENGTH);
     case QUERY_FULL_SELECT:
       if (hint_after(hint, sizeof hint, s, n, query_where_end(s, n)))
-        return iothub_fail(L, CODE, "queryCondition must be only the condition of a WHERE clause, not a full "
+        return fail_msg(L, "queryCondition must be only the condition of a WHERE clause, not a full "
                                     "SELECT query; pass \"%s\" instead",
                            hint);
-      return iothub_fail(L, CODE, "queryCondition must be only the condition of a WHERE clause, not a full "
+      return fail_msg(L, "queryCondition must be only the condition of a WHERE clause, not a full "
                                   "SELECT query; pass just the condition after WHERE, or \"*\" for all devices");
     case QUERY_LEADING_WHERE:
       if (hint_after(hint, sizeof hint, s, n, query_where_end(s, n)))
-        return iothub_fail(L, CODE, "queryCondition starts with WHERE; drop the leading WHERE and pass only the "
+        return fail_msg(L, "queryCondition starts with WHERE; drop the leading WHERE and pass only the "
                                     "condition, e.g. \"%s\"",
                            hint);
-      return iothub_fail(L, CODE, "queryCondition starts with WHERE; drop the leading WHERE and pass only the "
+      return fail_msg(L, "queryCondition starts with WHERE; drop the leading WHERE and pass only the "
                                   "condition");
     default:
-      return iothub_fail(L, CODE, "queryCondition: %s", msg);
+      return fail_msg(L, "queryCondition: %s", msg);
   }
+}
+
+static int l_check_query_condition(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  return result(L, validate_condition(L, s, n));
 }
 
 /* ---- properties ---- */
@@ -362,25 +395,22 @@ static int walk(lua_State *L, int t, int pathidx, int toppathidx, int depth, int
   return 0;
 }
 
-static int l_check_properties(lua_State *L) {
-  int check_values;
-  luaL_checktype(L, 1, LUA_TTABLE);
-  luaL_optstring(L, 2, "properties");
-  check_values = lua_toboolean(L, 3);
-  lua_settop(L, 3);
-  if (lua_isnil(L, 2)) {
-    lua_pushliteral(L, "properties");
-    lua_replace(L, 2);
-  }
+/* 0 when the table at idx is valid job properties under path (e.g. "patch.tags"), else 1
+ * with the message pushed; the stack is otherwise as it was. */
+int validate_properties(lua_State *L, int idx, const char *path, int check_values) {
+  int top = lua_gettop(L), failed;
+  idx = lua_absindex(L, idx);
+  lua_pushstring(L, path);
   /* The section itself is depth 0: the devguide's valid example nests ten objects below it. */
-  if (walk(L, 1, 2, 2, 0, check_values)) {
-    lua_pushnil(L);
-    lua_insert(L, -2);
-    lua_pushliteral(L, CODE);
-    return 3;
-  }
-  lua_pushboolean(L, 1);
-  return 1;
+  failed = walk(L, idx, top + 1, top + 1, 0, check_values);
+  if (failed) lua_replace(L, top + 1);
+  lua_settop(L, top + failed);
+  return failed;
+}
+
+static int l_check_properties(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  return result(L, validate_properties(L, 1, luaL_optstring(L, 2, "properties"), lua_toboolean(L, 3)));
 }
 
 /* ---- integer ranges ---- */
@@ -392,30 +422,32 @@ static int contains_ci(const char *s, const char *word) {
   return 0;
 }
 
+/* 0 when the value at idx is a whole number in [min, max], else 1 with "<name> must be a whole
+ * number[ of seconds] between min and max (got x)" pushed. */
+int validate_integer_range(lua_State *L, const char *name, int idx, double min, double max) {
+  const char *unit = contains_ci(name, "SECONDS") ? " of seconds" : "";
+  char smin[40], smax[40], got[64];
+  if (lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Number v = lua_tonumber(L, idx);
+    long long whole;
+    if (iothub_whole_int64(v, &whole) && v >= min && v <= max) return 0;
+    fmt_number(got, sizeof got, v);
+  } else if (lua_isnoneornil(L, idx)) {
+    snprintf(got, sizeof got, "nil");
+  } else {
+    snprintf(got, sizeof got, "a %s", luaL_typename(L, idx));
+  }
+  fmt_number(smin, sizeof smin, min);
+  fmt_number(smax, sizeof smax, max);
+  lua_pushfstring(L, "%s must be a whole number%s between %s and %s (got %s)", name, unit, smin, smax, got);
+  return 1;
+}
+
 static int l_check_integer_range(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   lua_Number min = luaL_checknumber(L, 3), max = luaL_checknumber(L, 4);
-  const char *unit = contains_ci(name, "SECONDS") ? " of seconds" : "";
-  char smin[40], smax[40], got[64];
   if (!(min <= max)) return luaL_argerror(L, 3, "min must not be greater than max");
-  fmt_number(smin, sizeof smin, min);
-  fmt_number(smax, sizeof smax, max);
-  if (lua_type(L, 2) == LUA_TNUMBER) {
-    lua_Number v = lua_tonumber(L, 2);
-    long long whole;
-    int integral = iothub_whole_int64(v, &whole);
-    if (integral && v >= min && v <= max) {
-      lua_pushboolean(L, 1);
-      return 1;
-    }
-    fmt_number(got, sizeof got, v);
-  } else if (lua_isnoneornil(L, 2)) {
-    snprintf(got, sizeof got, "nil");
-  } else {
-    snprintf(got, sizeof got, "a %s", luaL_typename(L, 2));
-  }
-  return iothub_fail(L, CODE, "%s must be a whole number%s between %s and %s (got %s)", name, unit, smin,
-                     smax, got);
+  return result(L, validate_integer_range(L, name, 2, min, max));
 }
 
 int validate_open(lua_State *L) {

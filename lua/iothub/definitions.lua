@@ -23,7 +23,7 @@
 -- IOTHUB_SANDBOX_* variables do.
 -- @module iothub.definitions
 local core = require "iothub.core"
-local JobClient = require "iothub.jobs"
+local job_request = require "iothub.job_request"
 local Registry = require "iothub.registry"
 
 local M = {}
@@ -193,6 +193,12 @@ local JOB_ALIASES = { methodName = "method", responseTimeoutInSeconds = "respons
   queryCondition = "query", condition = "query", startTime = "start",
   maxExecutionTimeInSeconds = "ttl", updateTwin = "patch", twin = "patch", devicesIds = "devices",
   deviceIds = "devices", targets = "devices", stage = "stages" }
+-- The job request's fields (iothub.job_request's err.field) by the definition's names.
+local REQUEST_FIELDS = { ["methodParams.methodName"] = "method", ["methodParams.payload"] = "payload",
+  ["methodParams.responseTimeoutInSeconds"] = "responseTimeout",
+  ["methodParams.connectTimeoutInSeconds"] = "connectTimeout", maxExecutionTimeInSeconds = "ttl" }
+local METHOD_PARAMS = { payload = "payload", responseTimeout = "responseTimeoutInSeconds",
+  connectTimeout = "connectTimeoutInSeconds" }
 local STAGE_FIELDS = { "count", "percent", "gate", "name" }
 local STAGE_FIELD_SET = { count = true, percent = true, gate = true, name = true }
 local GATE_FIELDS = { "minSuccessRatio", "maxFailures" }
@@ -229,6 +235,35 @@ function M.check_name(name)
   return true
 end
 
+-- The job request's own checks (iothub.job_request) of what the definition does (out.methodParams
+-- or out.patch, as written) and its ttl, one problem at a time: each refusal names the request
+-- field, which maps to the definition's; the faulty value is dropped and the rest checked again.
+-- Leaves the normalised action and the ttl (default: the request's) in out.
+local function check_request(out, ttl, report, name)
+  local kind = out.methodParams and "method" or out.patch and "twin"
+  local action = out.methodParams or out.patch
+  out.methodParams, out.patch = nil, nil
+  while kind do
+    local normalised, err = job_request.action(kind, action, "definition", name, ttl)
+    if normalised then
+      if kind == "method" then out.methodParams = normalised else out.patch = normalised end
+      break
+    end
+    local field = REQUEST_FIELDS[err.field] or (kind == "twin" and "patch" or "method")
+    if field == "ttl" then
+      report("ttl", (err.detail or err.message) .. " (it is maxExecutionTimeInSeconds)")
+      ttl = nil
+    elseif field == "method" or field == "patch" then -- the action itself: nothing more to learn
+      if field == "patch" or action.methodName then report(field, field == "patch" and err.message or err.detail or err.message) end
+      break
+    else
+      report(field, err.detail or err.message)
+      action[METHOD_PARAMS[field]] = nil
+    end
+  end
+  out.ttl = ttl or job_request.DEFAULT_MAX_EXECUTION
+end
+
 -- Validates one declaration; adds problems through report(field, message[, key, nth]).
 local function validate_job(decl, report)
   local t = decl.fields
@@ -251,33 +286,19 @@ local function validate_job(decl, report)
   end
   if t.method ~= nil then
     out.type = "method"
-    local params = { methodName = "x" }
     if type(t.method) ~= "string" then
       report("method", "must be the method name as a string, got " .. type(t.method))
-    else
-      local ok, err = JobClient.methodParams({ methodName = t.method }, "definition", decl.name)
-      if not ok then report("method", (err.message:gsub("^methodParams%.methodName ", ""))) end
-      params.methodName = t.method
     end
+    local params = { methodName = type(t.method) == "string" and t.method or nil, payload = t.payload }
     for _, f in ipairs({ { "responseTimeout", "responseTimeoutInSeconds" }, { "connectTimeout", "connectTimeoutInSeconds" } }) do
-      local value = t[f[1]]
-      if value ~= nil then
-        local seconds, why = M.parse_duration(value)
-        if not seconds then
-          report(f[1], why)
-        else
-          local ok, err = JobClient.methodParams({ methodName = "x", [f[2]] = seconds }, "definition", decl.name)
-          if ok then params[f[2]] = seconds else report(f[1], err.message) end
-        end
+      if t[f[1]] ~= nil then
+        local seconds, why = M.parse_duration(t[f[1]])
+        if seconds then params[f[2]] = seconds else report(f[1], why) end
       end
     end
-    if t.payload ~= nil then
-      if type(t.payload) == "function" or type(t.payload) == "userdata" and t.payload ~= core.null then
-        report("payload", "must be JSON data (a table, string, number, boolean or null), got " .. type(t.payload))
-      else
-        local ok, err = JobClient.methodParams({ methodName = "x", payload = t.payload }, "definition", decl.name)
-        if ok then params.payload = t.payload else report("payload", (err.message:gsub("^methodParams%.", ""))) end
-      end
+    if type(t.payload) == "function" or type(t.payload) == "userdata" and t.payload ~= core.null then
+      report("payload", "must be JSON data (a table, string, number, boolean or null), got " .. type(t.payload))
+      params.payload = nil
     end
     out.methodParams = params
   else
@@ -290,8 +311,7 @@ local function validate_job(decl, report)
     if type(t.patch) ~= "table" then
       report("patch", "must be a table such as { tags = {...}, desired = {...} }, got " .. type(t.patch))
     else
-      local patch, err = JobClient.twinPatch(t.patch, "definition", decl.name)
-      if patch then out.patch = patch else report("patch", err.message) end
+      out.patch = t.patch
     end
   end
 
@@ -346,17 +366,12 @@ local function validate_job(decl, report)
     local spec, why = M.parse_start(t.start)
     if spec then out.start = spec else report("start", why) end
   end
-  out.ttl = 3600
+  local ttl
   if t.ttl ~= nil then
     local seconds, why = M.parse_duration(t.ttl)
-    if not seconds then
-      report("ttl", why)
-    elseif seconds < 1 then
-      report("ttl", "must be at least 1 second (it is maxExecutionTimeInSeconds)")
-    else
-      out.ttl = seconds
-    end
+    if seconds then ttl = seconds else report("ttl", why) end
   end
+  check_request(out, ttl, report, decl.name)
   if t.revision ~= nil and type(t.revision) ~= "string" and type(t.revision) ~= "number" then
     report("revision", "must be a string or a number (change it to run the same job again), got " .. type(t.revision))
   end

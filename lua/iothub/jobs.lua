@@ -5,14 +5,10 @@
 local core = require "iothub.core"
 local errors = require "iothub.errors"
 local Pager = require "iothub.pager"
+local job_request = require "iothub.job_request"
 
 local JobClient = {}
 JobClient.__index = JobClient
-
-local DEFAULT_MAX_EXECUTION = 3600   -- seconds, as the Node SDK and the az CLI
-local DEFAULT_RESPONSE_TIMEOUT = 30  -- seconds, the service default for direct methods
-local MAX_PAYLOAD_BYTES = 128 * 1024 -- direct-method payload limit
-local TAGS_MAX_BYTES, DESIRED_MAX_BYTES = 8 * 1024, 32 * 1024
 
 local JOB_TYPES = { scheduleDeviceMethod = true, scheduleUpdateTwin = true }
 -- Job-level statuses as the wire has them (note the job level spells "cancelled").
@@ -41,161 +37,20 @@ local function check_job_id(job_id, operation)
   return true
 end
 
--- Accepts nil (now), epoch seconds, or an ISO-8601 string; returns the UTC "...Z" form the
--- service expects (it rejects a null startTime).
-function JobClient:_start_time(start, operation, job_id)
-  if start == nil then return core.format_time(self.cfg.clock.time()) end
-  if type(start) == "number" then
-    if start ~= start or start < 0 or start > 253402300799 then
-      return invalid("startTime " .. tostring(start) .. " is not a usable epoch time in seconds",
-        operation, job_id)
-    end
-    return core.format_time(start)
-  end
-  if type(start) == "string" then
-    local epoch, msg = core.parse_time(start)
-    if not epoch then return invalid("startTime: " .. msg, operation, job_id) end
-    return core.format_time(epoch)
-  end
-  errors.misuse("startTime must be nil, epoch seconds or an ISO-8601 string, got " .. type(start))
-end
-
-local function max_execution(value, operation, job_id)
-  if value == nil then return DEFAULT_MAX_EXECUTION end
-  check_type(value, "number", "maxExecutionTimeInSeconds")
-  local ok, msg = core.check_integer_range("maxExecutionTimeInSeconds", value, 1, 2147483647)
-  if not ok then return invalid(msg, operation, job_id) end
-  return math.floor(value)
-end
-
-local function check_condition(condition, operation, job_id)
-  check_type(condition, "string", "queryCondition")
-  local ok, msg = core.check_query_condition(condition)
-  if not ok then return invalid(msg, operation, job_id) end
-  return true
-end
-
-local METHOD_FIELDS = { methodName = true, payload = true, responseTimeoutInSeconds = true,
-  connectTimeoutInSeconds = true, timeoutInSeconds = true }
-
---- Validates direct-method parameters and fills the Node SDK's defaults
--- (payload null, responseTimeoutInSeconds 30). Shared with Registry:invokeDeviceMethod.
+--- Checks direct-method parameters and fills the Node SDK's defaults (payload null,
+-- responseTimeoutInSeconds 30): iothub.job_request's, kept under the SDK-style name.
 function JobClient.methodParams(params, operation, target)
-  check_type(params, "table", "methodParams")
-  for key in pairs(params) do
-    if not METHOD_FIELDS[key] then
-      return invalid("methodParams has an unknown field '" .. tostring(key) ..
-        "' (expected methodName, payload, responseTimeoutInSeconds, connectTimeoutInSeconds)",
-        operation, target)
-    end
-  end
-  local name = params.methodName
-  if type(name) ~= "string" or name == "" then
-    return invalid("methodParams.methodName must be a non-empty string (the device's method name)",
-      operation, target)
-  end
-  if #name > 100 or name:find("[^%w%-_%.]") then
-    return invalid("methodParams.methodName '" .. name:sub(1, 100) ..
-      "' may only contain letters, digits, '-', '_' and '.' (at most 100 characters)", operation, target)
-  end
-  if params.timeoutInSeconds and params.responseTimeoutInSeconds then
-    return invalid("methodParams has both timeoutInSeconds (2016 name) and responseTimeoutInSeconds; keep only responseTimeoutInSeconds",
-      operation, target)
-  end
-  -- The 2016 preview called the response timeout timeoutInSeconds.
-  local response_timeout = params.responseTimeoutInSeconds or params.timeoutInSeconds or DEFAULT_RESPONSE_TIMEOUT
-  local ok, msg = core.check_integer_range("responseTimeoutInSeconds", response_timeout, 5, 300)
-  if not ok then return invalid(msg, operation, target) end
-  if params.connectTimeoutInSeconds ~= nil then
-    ok, msg = core.check_integer_range("connectTimeoutInSeconds", params.connectTimeoutInSeconds, 0, 300)
-    if not ok then return invalid(msg, operation, target) end
-  end
-  local payload = params.payload
-  if payload ~= nil then
-    local text, why = core.json_encode(payload)
-    if not text then return invalid("methodParams.payload cannot be sent: " .. why, operation, target) end
-    if #text > MAX_PAYLOAD_BYTES then
-      return invalid(("methodParams.payload is %d bytes as JSON; direct methods allow at most %d (128 KB)")
-        :format(#text, MAX_PAYLOAD_BYTES), operation, target)
-    end
-  end
-  return { methodName = name, payload = payload, responseTimeoutInSeconds = math.floor(response_timeout),
-    connectTimeoutInSeconds = params.connectTimeoutInSeconds and math.floor(params.connectTimeoutInSeconds) }
+  return job_request.action("method", params, operation or "methodParams", target)
 end
 
-local function shallow_copy(t)
-  local out = {}
-  for k, v in pairs(t) do out[k] = v end
-  return out
-end
-
-local function encoded_size(value)
-  local text = core.json_encode(value)
-  return text and #text or 0
-end
-
---- Normalises a twin patch for a job: moves the 2016 tutorial's top-level `desired` under
--- `properties.desired`, adds `etag = "*"` (the hub requires it: twin jobs are force updates)
--- and checks names, values, sizes and depth before anything is sent.
+--- Normalises a twin patch for a job (top-level `desired` under properties, etag "*") after
+-- checking names, values, sizes and depth: iothub.job_request's.
 function JobClient.twinPatch(patch, operation, target)
-  check_type(patch, "table", "patch")
-  local out = shallow_copy(patch)
-  if out.desired ~= nil then
-    if out.properties ~= nil then
-      return invalid("patch has both 'desired' and 'properties'; put desired properties under properties.desired",
-        operation, target)
-    end
-    out.properties = { desired = out.desired }
-    out.desired = nil
-  end
-  for key in pairs(out) do
-    if key ~= "tags" and key ~= "properties" and key ~= "etag" then
-      return invalid("patch has an unknown field '" .. tostring(key) ..
-        "'; a twin job may set only tags and properties.desired", operation, target)
-    end
-  end
-  if out.etag == nil then
-    out.etag = "*"
-  elseif out.etag ~= "*" then
-    return invalid("patch.etag must be '*': twin update jobs are force updates and the hub accepts no other etag",
-      operation, target)
-  end
-  if out.tags == nil and out.properties == nil then
-    return invalid("patch sets nothing: give tags and/or properties.desired", operation, target)
-  end
-  if out.properties ~= nil then
-    if type(out.properties) ~= "table" then
-      return invalid("patch.properties must be a table with a 'desired' table", operation, target)
-    end
-    for key in pairs(out.properties) do
-      if key ~= "desired" then
-        return invalid("patch.properties." .. tostring(key) ..
-          " cannot be set by a job; only properties.desired (reported properties belong to the device)",
-          operation, target)
-      end
-    end
-    if type(out.properties.desired) ~= "table" then
-      return invalid("patch.properties.desired must be a table", operation, target)
-    end
-    local ok, msg = core.check_properties(out.properties.desired, "patch.properties.desired", true)
-    if not ok then return invalid(msg, operation, target) end
-    if encoded_size(out.properties.desired) > DESIRED_MAX_BYTES then
-      return invalid("patch.properties.desired is larger than the hub's 32 KB limit", operation, target)
-    end
-  end
-  if out.tags ~= nil then
-    if type(out.tags) ~= "table" then return invalid("patch.tags must be a table", operation, target) end
-    local ok, msg = core.check_properties(out.tags, "patch.tags", true)
-    if not ok then return invalid(msg, operation, target) end
-    if encoded_size(out.tags) > TAGS_MAX_BYTES then
-      return invalid("patch.tags is larger than the hub's 8 KB limit", operation, target)
-    end
-  end
-  return out
+  return job_request.action("twin", patch, operation or "twinPatch", target)
 end
 
--- Is the job the hub holds the one `request` describes? Same type, condition, start (to the
--- millisecond; the hub echoes 7 fractional digits) and method name.
+-- Is the job the hub holds the one `request` (the decoded body we sent) describes? Same
+-- type, condition, start (to the millisecond; the hub echoes 7 fractional digits) and method.
 local function same_job(job, request)
   if type(job) ~= "table" or job.type ~= request.type or job.queryCondition ~= request.queryCondition then
     return false
@@ -209,52 +64,23 @@ local function same_job(job, request)
   return true
 end
 
--- PUT /jobs/v2/{id}. A retried PUT whose first response was lost can meet its own job and
--- get 409: read the job back and accept it if it is the one we asked for.
-function JobClient:_schedule(operation, request)
-  local body, msg, code = core.job_request_body(request)
-  if not body then
-    return nil, errors.new({ kind = "invalid_argument", code = code, message = msg,
-      operation = operation, target = request.jobId })
-  end
+-- Builds the request (iothub.job_request: every check) and PUTs it to /jobs/v2/{id}. A
+-- retried PUT whose first response was lost can meet its own job and get 409: read the job
+-- back and accept it if it is the one we asked for.
+function JobClient:_schedule(op, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds)
+  local body, err = job_request.build(op, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds,
+    self.cfg.clock.time(), op)
+  if not body then return nil, err end
   return self.pipeline:call({
-    operation = operation, target = request.jobId, method = "PUT",
-    path = { "jobs", "v2", request.jobId }, body = body,
-    onConflict = function(conflict) -- same job, same answer, whether or not an attempt was uncertain
-      local job = self:getJob(request.jobId)
-      if same_job(job, request) then return job end
+    operation = op, target = jobId, method = "PUT", path = job_request.path(jobId), body = body,
+    onConflict = function(conflict)
+      local job = self:getJob(jobId)
+      if same_job(job, core.json_decode(body)) then return job end
       conflict.message = (conflict.message or "") ..
         " (a different job already has this id; job ids must be unique, e.g. iothub.uuid())"
       return nil, conflict
     end,
   })
-end
-
--- What the two kinds of job differ in: the service's type name, the body field that carries
--- the action, and the check that builds that field.
-local JOB_KINDS = {
-  scheduleDeviceMethod = { type = "scheduleDeviceMethod", field = "cloudToDeviceMethod", build = "methodParams" },
-  scheduleTwinUpdate = { type = "scheduleUpdateTwin", field = "updateTwin", build = "twinPatch" },
-}
-
--- Checks everything a job request carries, then creates the job; returns it or nil, err.
-function JobClient:_schedule_kind(op, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds)
-  local ok, err = check_job_id(jobId, op)
-  if not ok then return nil, err end
-  ok, err = check_condition(queryCondition, op, jobId)
-  if not ok then return nil, err end
-  local start
-  start, err = self:_start_time(startTime, op, jobId)
-  if not start then return nil, err end
-  local max_exec
-  max_exec, err = max_execution(maxExecutionTimeInSeconds, op, jobId)
-  if not max_exec then return nil, err end
-  local kind = JOB_KINDS[op]
-  local value
-  value, err = JobClient[kind.build](action, op, jobId)
-  if not value then return nil, err end
-  return self:_schedule(op, { jobId = jobId, type = kind.type, [kind.field] = value,
-    queryCondition = queryCondition, startTime = start, maxExecutionTimeInSeconds = max_exec })
 end
 
 --- Schedules a job that invokes a direct method on every device matching queryCondition.
@@ -265,7 +91,7 @@ end
 -- @param[opt] maxExecutionTimeInSeconds default 3600
 -- @return the job as the hub answered, or nil, err
 function JobClient:scheduleDeviceMethod(jobId, queryCondition, methodParams, startTime, maxExecutionTimeInSeconds)
-  return self:_schedule_kind("scheduleDeviceMethod", jobId, queryCondition, methodParams, startTime,
+  return self:_schedule("scheduleDeviceMethod", jobId, queryCondition, methodParams, startTime,
     maxExecutionTimeInSeconds)
 end
 
@@ -273,7 +99,7 @@ end
 -- @param patch { tags=, properties = { desired = } } (etag "*" is added)
 -- Other parameters and the result as scheduleDeviceMethod.
 function JobClient:scheduleTwinUpdate(jobId, queryCondition, patch, startTime, maxExecutionTimeInSeconds)
-  return self:_schedule_kind("scheduleTwinUpdate", jobId, queryCondition, patch, startTime,
+  return self:_schedule("scheduleTwinUpdate", jobId, queryCondition, patch, startTime,
     maxExecutionTimeInSeconds)
 end
 
@@ -281,7 +107,7 @@ end
 function JobClient:_get_job(jobId, extra)
   local ok, err = check_job_id(jobId, "getJob")
   if not ok then return nil, err end
-  local op = { operation = "getJob", target = jobId, method = "GET", path = { "jobs", "v2", jobId } }
+  local op = { operation = "getJob", target = jobId, method = "GET", path = job_request.path(jobId) }
   for k, v in pairs(extra or {}) do op[k] = v end
   local job, err2 = self.pipeline:call(op)
   if not job then return nil, err2 end
@@ -307,7 +133,7 @@ function JobClient:cancelJob(jobId)
   local ok, err = check_job_id(jobId, "cancelJob")
   if not ok then return nil, err end
   return self.pipeline:call({ operation = "cancelJob", target = jobId, method = "POST",
-    path = { "jobs", "v2", jobId, "cancel" } })
+    path = job_request.path(jobId, true) })
 end
 
 local function check_page_size(value, operation)

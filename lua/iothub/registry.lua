@@ -4,7 +4,7 @@
 local core = require "iothub.core"
 local errors = require "iothub.errors"
 local Pager = require "iothub.pager"
-local JobClient = require "iothub.jobs"
+local job_request = require "iothub.job_request"
 
 local Registry = {}
 Registry.__index = Registry
@@ -76,17 +76,10 @@ end
 function Registry:invokeDeviceMethod(deviceId, methodParams)
   local ok, err = check_device_id(deviceId, "invokeDeviceMethod")
   if not ok then return nil, err end
-  local method
-  method, err = JobClient.methodParams(methodParams, "invokeDeviceMethod", deviceId)
-  if not method then return nil, err end
-  local body = core.json_encode({
-    methodName = method.methodName,
-    payload = method.payload == nil and core.null or method.payload,
-    responseTimeoutInSeconds = method.responseTimeoutInSeconds,
-    connectTimeoutInSeconds = method.connectTimeoutInSeconds,
-  })
+  local body, response_timeout, connect_timeout = job_request.method(methodParams, "invokeDeviceMethod", deviceId)
+  if not body then return nil, response_timeout end
   -- The hub may hold the request for the connect plus response timeouts; wait a little longer.
-  local wait = method.responseTimeoutInSeconds + (method.connectTimeoutInSeconds or 0) + 10
+  local wait = response_timeout + (connect_timeout or 0) + 10
   return send(self, { operation = "invokeDeviceMethod", target = deviceId, method = "POST",
     path = { "twins", deviceId, "methods" }, body = body,
     timeout = math.max(wait, self.cfg.timeout),
