@@ -83,12 +83,18 @@ int base64_decode(const char *in, size_t n, unsigned char *out, size_t *outlen) 
   return base64_decode_why(in, n, out, outlen, &why, &pos);
 }
 
+/* RFC 3986 unreserved characters pass; everything else is %XX. The one encoding rule for
+ * path segments, query values and the Lua url_encode. */
+static int is_unreserved(unsigned char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+         c == '-' || c == '_' || c == '.' || c == '~';
+}
+
 void url_encode_append(iothub_buffer *b, const char *s, size_t len) {
   size_t i;
   for (i = 0; i < len; i++) {
     unsigned char c = (unsigned char)s[i];
-    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-        c == '-' || c == '_' || c == '.' || c == '~') {
+    if (is_unreserved(c)) {
       buffer_addc(b, (char)c);
     } else {
       char esc[3];
@@ -164,21 +170,15 @@ static int l_base64_decode(lua_State *L) {
 static int l_url_encode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  luaL_Buffer lb;
-  size_t i;
-  luaL_buffinit(L, &lb);
-  for (i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-        c == '-' || c == '_' || c == '.' || c == '~') {
-      luaL_addchar(&lb, (char)c);
-    } else {
-      luaL_addchar(&lb, '%');
-      luaL_addchar(&lb, HEX_UPPER[c >> 4]);
-      luaL_addchar(&lb, HEX_UPPER[c & 15]);
-    }
+  iothub_buffer b;
+  buffer_init(&b);
+  url_encode_append(&b, s, n);
+  if (b.failed) {
+    buffer_free(&b);
+    return luaL_error(L, "out of memory encoding a URL component");
   }
-  luaL_pushresult(&lb);
+  lua_pushlstring(L, b.data, b.len);
+  buffer_free(&b);
   return 1;
 }
 

@@ -1,10 +1,9 @@
-/* Request building: URLs with strictly encoded path segments and query, header lines, and
- * the jobs/v2 request body in the field order the service documents. */
+/* Request building: URLs with strictly encoded path segments and query, and header lines.
+ * The jobs/v2 request body is built by csrc/job_request.c. */
 #include <string.h>
 #include "common.h"
 #include "buffer.h"
 #include "codec.h"
-#include "json.h"
 
 static int has_crlf(const char *s, size_t n) {
   return memchr(s, '\r', n) != NULL || memchr(s, '\n', n) != NULL;
@@ -155,102 +154,9 @@ static int l_build_request(lua_State *L) {
   return 2;
 }
 
-/* Appends `"name":<json of t[name]>` when the field is present. */
-static int append_field(lua_State *L, int t, const char *name, iothub_buffer *b, int *first,
-                        char *err, size_t errlen, const char **code) {
-  int rc = 0;
-  lua_getfield(L, t, name);
-  if (!lua_isnil(L, -1)) {
-    if (!*first) buffer_addc(b, ',');
-    *first = 0;
-    json_append_string(b, name, strlen(name));
-    buffer_addc(b, ':');
-    rc = json_encode_value(L, lua_gettop(L), b, err, errlen, code);
-    if (rc != 0 && errlen > 0) { /* encoder paths are relative to the field: say which field */
-      size_t nlen = strlen(name), elen = strlen(err);
-      if (nlen + 2 + elen >= errlen) elen = errlen > nlen + 3 ? errlen - nlen - 3 : 0;
-      if (nlen + 2 < errlen) {
-        memmove(err + nlen + 2, err, elen);
-        memcpy(err, name, nlen);
-        err[nlen] = ':';
-        err[nlen + 1] = ' ';
-        err[nlen + 2 + elen] = '\0';
-      }
-    }
-  }
-  lua_pop(L, 1);
-  return rc;
-}
-
-/* core.job_request_body{ jobId=, type=, cloudToDeviceMethod={...} | updateTwin={...},
- *   queryCondition=, startTime=, maxExecutionTimeInSeconds= } -> json | nil, message, code
- * Fields go out in the devguide's order; the method object keeps its documented order too,
- * so requests are byte-for-byte predictable (and diffable in logs). */
-static int l_job_request_body(lua_State *L) {
-  static const char *top[] = {"jobId", "type", NULL};
-  static const char *method_fields[] = {"methodName", "payload", "responseTimeoutInSeconds",
-                                        "connectTimeoutInSeconds", NULL};
-  static const char *tail[] = {"queryCondition", "startTime", "maxExecutionTimeInSeconds", NULL};
-  iothub_buffer b;
-  char err[256];
-  const char *code = "InvalidArgument";
-  int first = 1, mfirst = 1, i, rc = 0;
-
-  luaL_checktype(L, 1, LUA_TTABLE);
-  lua_getfield(L, 1, "cloudToDeviceMethod");
-  if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TTABLE)
-    return luaL_error(L, "field 'cloudToDeviceMethod' must be a table");
-  lua_pop(L, 1);
-
-  buffer_init(&b);
-  buffer_addc(&b, '{');
-  for (i = 0; top[i] && rc == 0; i++) rc = append_field(L, 1, top[i], &b, &first, err, sizeof err, &code);
-  if (rc == 0) {
-    lua_getfield(L, 1, "cloudToDeviceMethod");
-    if (lua_type(L, -1) == LUA_TTABLE) {
-      int m = lua_gettop(L);
-      if (!first) buffer_addc(&b, ',');
-      first = 0;
-      buffer_adds(&b, "\"cloudToDeviceMethod\":{");
-      for (i = 0; method_fields[i] && rc == 0; i++) {
-        /* payload is always sent, as null when absent, like the Node SDK */
-        if (strcmp(method_fields[i], "payload") == 0) {
-          lua_getfield(L, m, "payload");
-          if (lua_isnil(L, -1)) {
-            if (!mfirst) buffer_addc(&b, ',');
-            mfirst = 0;
-            buffer_adds(&b, "\"payload\":null");
-            lua_pop(L, 1);
-            continue;
-          }
-          lua_pop(L, 1);
-        }
-        rc = append_field(L, m, method_fields[i], &b, &mfirst, err, sizeof err, &code);
-      }
-      buffer_addc(&b, '}');
-    }
-    lua_pop(L, 1);
-  }
-  if (rc == 0) rc = append_field(L, 1, "updateTwin", &b, &first, err, sizeof err, &code);
-  for (i = 0; tail[i] && rc == 0; i++) rc = append_field(L, 1, tail[i], &b, &first, err, sizeof err, &code);
-  buffer_addc(&b, '}');
-  if (rc != 0) {
-    buffer_free(&b);
-    return iothub_fail(L, code, "%s", err);
-  }
-  if (b.failed) {
-    buffer_free(&b);
-    return iothub_fail(L, "OutOfMemory", "out of memory encoding the job request");
-  }
-  lua_pushlstring(L, b.data, b.len);
-  buffer_free(&b);
-  return 1;
-}
-
 int request_open(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"build_request", l_build_request},
-    {"job_request_body", l_job_request_body},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

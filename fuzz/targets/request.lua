@@ -1,4 +1,4 @@
--- Request building (csrc/request.c): build_request and job_request_body from fuzzed fields,
+-- Request building (csrc/request.c, csrc/job_request.c): build_request and job_request from fuzzed fields,
 -- sometimes read through a proxy table whose __index collects garbage and returns fresh strings
 -- (C code must not lean on the table to keep what it read alive). Results must be well formed:
 -- the URL starts with the endpoint, encoded segments stay encoded, header lines have no line
@@ -63,35 +63,46 @@ local function build(b)
   end
 end
 
+-- core.job_request(kind, jobId, condition, action, start, maxExec, now): fuzzed fields of
+-- every type. A wrong Lua type raises (misuse); anything else is a body or a refusal that
+-- names its field. A body decodes to the fields given, in the kind's shape.
 local function body(b)
-  local req = { jobId = scalar(b), type = b:bool() and b:pick({ "scheduleDeviceMethod", "scheduleUpdateTwin" }) or scalar(b),
-    queryCondition = scalar(b), startTime = scalar(b), maxExecutionTimeInSeconds = b:number() }
+  local kind = b:bool() and b:pick({ "method", "twin" }) or scalar(b)
+  local action
   local k = b:byte() % 4
   if k == 0 then
-    req.cloudToDeviceMethod = { methodName = scalar(b), payload = b:value(), responseTimeoutInSeconds = b:number(),
+    action = { methodName = scalar(b), payload = b:value(), responseTimeoutInSeconds = b:number(),
       connectTimeoutInSeconds = b:number() }
   elseif k == 1 then
-    req.updateTwin = b:value()
-  elseif k == 2 then
-    req.cloudToDeviceMethod = b:value() -- anything: a non-table raises
+    action = { properties = { desired = b:value() }, tags = b:bool() and b:value() or nil }
+  else
+    action = b:value()
   end
-  local mode = b:byte() % 4
-  local given = req
-  if mode > 0 then req = fz.proxy(req, mode == 3) end
-  local ok, text, msg, code = pcall(core.job_request_body, req)
+  if type(action) == "table" and b:byte() % 4 == 0 then action = fz.proxy(action, b:bool()) end
+  local jobId, condition = scalar(b), scalar(b)
+  local start = b:bool() and scalar(b) or nil
+  local maxExec = b:bool() and b:number() or nil
+  local ok, text, msg, code, field = pcall(core.job_request, kind, jobId, condition, action, start, maxExec,
+    1.8e9)
   if not ok then
-    check(type(text) == "string" and text:find("cloudToDeviceMethod", 1, true), "job_request_body raised: %s", text)
+    check(type(text) == "string", "job_request raised a %s", type(text))
     return
   end
   if not text then
-    fz.check_failure("job_request_body", text, msg, code)
-    check(BODY_CODES[code], "job_request_body code %s: %s", code, msg)
+    fz.check_failure("job_request", text, msg, code)
+    check(code == "Misuse" or BODY_CODES[code] or code == "InvalidArgument", "job_request code %s: %s", code, msg)
+    check(type(field) == "string", "job_request refused without naming a field: %s", msg)
     return
   end
+  check(kind == "method" or kind == "twin", "job_request built a body for kind %s", tostring(kind))
   local decoded, derr, dcode = core.json_decode(text)
   if dcode == "JsonDepth" then return end -- a field nested 128 deep is deeper still in the body
   check(type(decoded) == "table", "the body is not a JSON object (%s): %s", derr, text)
-  if type(given.jobId) == "string" then check(decoded.jobId == given.jobId, "jobId did not survive: %s", text) end
+  check(decoded.jobId == jobId, "jobId did not survive: %s", text)
+  check(decoded.queryCondition == condition, "queryCondition did not survive: %s", text)
+  check(decoded.type == (kind == "method" and "scheduleDeviceMethod" or "scheduleUpdateTwin"), "wrong type: %s", text)
+  check(type(decoded.startTime) == "string" and type(decoded.maxExecutionTimeInSeconds) == "number",
+    "startTime or maxExecutionTimeInSeconds missing: %s", text)
 end
 
 return function(data)
