@@ -8,6 +8,7 @@
 -- @module iothub
 local core = require "iothub.core"
 local config = require "iothub.config"
+local job_request = require "iothub.job_request"
 
 return {
   _VERSION = config.VERSION,
@@ -16,6 +17,13 @@ return {
   Scheduler = require "iothub.scheduler",
   errors = require "iothub.errors",
   json = require "iothub.json",
+  --- The exact body of a job request, checked: buildJobRequest(kind, jobId, queryCondition,
+  -- action [, startTime [, maxExecutionTimeInSeconds]]) -> body, normalised action | nil, err.
+  -- kind is "method" (action: methodParams) or "twin" (action: the twin patch); err.field
+  -- names the field at fault. The same function every JobClient schedule call uses.
+  buildJobRequest = function(kind, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds)
+    return job_request.build(kind, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds)
+  end,
   null = core.null,
   --- A fresh random job id (UUID v4), as the Node samples use.
   uuid = core.uuid4,

@@ -76,4 +76,11 @@ function M.path(jobId, cancel)
   return { "jobs", "v2", jobId }
 end
 
+--- The same path as text, each segment encoded as the request carries it ("/jobs/v2/a%2Fb").
+function M.path_text(jobId, cancel)
+  local segments = M.path(jobId, cancel)
+  for i, segment in ipairs(segments) do segments[i] = core.url_encode(segment) end
+  return "/" .. table.concat(segments, "/")
+end
+
 return M

@@ -15,7 +15,7 @@
 -- @module iothub.rollout
 local core = require "iothub.core"
 local errors = require "iothub.errors"
-local JobClient = require "iothub.jobs"
+local job_request = require "iothub.job_request"
 local Scheduler = require "iothub.scheduler"
 local definitions = require "iothub.definitions"
 
@@ -108,19 +108,6 @@ end
 
 ---------------------------------------------------------------------------
 -- Construction
-
-local DRY_CS = "HostName=plan.invalid;SharedAccessKeyName=plan;SharedAccessKey=cGxhbg=="
-
--- A transport that sends nothing: it keeps the request and answers with its body, so a
--- client call yields exactly the bytes it would have sent.
-local function dry_transport()
-  local t = { requests = {} }
-  function t.request(_, req)
-    t.requests[#t.requests + 1] = req
-    return { status = 200, headers = {}, body = req.body or "" }
-  end
-  return t
-end
 
 --- opts: jobs (JobClient), registry (Registry, for counting and query targets),
 -- create (JobClient used for job PUTs; default jobs; give one with retry = { maxAttempts = 1 }
@@ -292,8 +279,6 @@ end
 -- or nil, err. devices (per request and the job's total) is nil, and request.uncounted says
 -- why, when a query condition is too long to count. Sends only reads (twin queries and job GETs).
 function Rollout:plan(defs, only)
-  local dry_t = dry_transport()
-  local dry = assert(JobClient.fromConnectionString(DRY_CS, { transport = dry_t, retry = false }))
   local now = self.time()
   local out = { file = defs.file, jobs = {} }
   for _, job in ipairs(defs.jobs) do
@@ -306,9 +291,9 @@ function Rollout:plan(defs, only)
         stage.requests = {}
         local start = k == 1 and definitions.resolve_start(job.start, now) or nil
         for _, chunk in ipairs(stage.chunks) do
-          local ok, serr = schedule(dry, job, chunk, start)
-          if not ok then return nil, serr end
-          local req = dry_t.requests[#dry_t.requests]
+          local body, berr = job_request.build(job.type, chunk.jobId, chunk.condition,
+            job.type == "method" and job.methodParams or job.patch, start, job.ttl, now)
+          if not body then return nil, berr end
           -- A listed chunk is counted by its ids; a query target too long to wrap in a
           -- counting query is shown uncounted rather than sent and refused.
           local n, cerr
@@ -322,8 +307,8 @@ function Rollout:plan(defs, only)
           end
           local existing, gerr = self.jobs:getJob(chunk.jobId)
           if not existing and gerr.code ~= "JobNotFound" then return nil, gerr end
-          stage.requests[#stage.requests + 1] = { jobId = chunk.jobId, method = req.method,
-            path = req.url:match("^https?://[^/]+([^?]*)"), body = req.body, condition = chunk.condition,
+          stage.requests[#stage.requests + 1] = { jobId = chunk.jobId, method = "PUT",
+            path = job_request.path_text(chunk.jobId), body = body, condition = chunk.condition,
             listed = chunk.ids and #chunk.ids or nil, devices = n, uncounted = uncounted, existing = existing or nil }
         end
       end
