@@ -64,23 +64,46 @@ static int http_status(double v) {
   return iothub_whole_int64(v, &s) && s >= 100 && s <= 999 ? (int)s : 0;
 }
 
-/* core.retryable(status) -> boolean */
+/* The one rule for whether a failure is worth another attempt. An answer is judged by its
+ * status. A request that got no usable answer (kind: "network", "timeout", "protocol" for an
+ * unreadable one, ...) may not have arrived, so it is retried, except a TLS failure: a
+ * certificate that does not verify will not verify on the next attempt either. */
+static int failure_retryable(int status, const char *kind) {
+  if (status) return status_retryable(status);
+  return kind != NULL && strcmp(kind, "tls") != 0;
+}
+
+/* core.retryable(status [, kind]) -> boolean: status a number, or nil for a failure with no
+ * answer, described by its kind. */
 static int l_retryable(lua_State *L) {
-  lua_pushboolean(L, status_retryable(http_status(luaL_checknumber(L, 1))));
+  int status = lua_isnoneornil(L, 1) ? 0 : http_status(luaL_checknumber(L, 1));
+  const char *kind = luaL_optstring(L, 2, NULL);
+  if (!lua_isnoneornil(L, 1) && !status) kind = NULL; /* a number that is no status: nothing to retry */
+  lua_pushboolean(L, failure_retryable(status, kind));
   return 1;
 }
 
-/* core.retry_decision{ status=, network=, attempt=, maxAttempts=, now=, deadline=,
- *   retryAfter=, base=, cap=, throttleBase=, jitter=, random= }
- * -> delay seconds, or nil, reason ("not-retryable" | "attempts" | "deadline").
- * `attempt` counts the attempts already made. Throttled responses (429) back off from
- * throttleBase, since the hub asks callers to wait about 10 s. */
+/* The hub's active-job limit (ThrottlingMaxActiveJobCountExceeded): a caller that manages
+ * job slots itself (a rollout) wants it at once rather than after a throttle backoff. */
+#define ERROR_ACTIVE_JOB_LIMIT 429004
+
+/* core.retry_decision{ status=, kind=, network=, errorCode=, activeJobLimitFinal=, attempt=,
+ *   maxAttempts=, now=, deadline=, retryAfter=, base=, cap=, throttleBase=, jitter=, random= }
+ * -> delay seconds, or nil, reason ("not-retryable" | "job-limit" | "attempts" | "deadline").
+ * status: the answer's; without one, kind (or network = true, meaning kind "network") says
+ * how the request failed (see failure_retryable). `attempt` counts the attempts already made.
+ * Throttled responses (429) back off from throttleBase, since the hub asks callers to wait
+ * about 10 s; with activeJobLimitFinal, a 429004 is returned at once ("job-limit"). */
 static int l_retry_decision(lua_State *L) {
   int network, status;
-  double attempt, max_attempts, now, deadline, retry_after, base, cap, tbase, jitter, r, delay;
+  const char *kind;
+  double error_code, attempt, max_attempts, now, deadline, retry_after, base, cap, tbase, jitter, r, delay;
   luaL_checktype(L, 1, LUA_TTABLE);
   network = opt_bool(L, 1, "network");
   status = http_status(opt_number(L, 1, "status", 0));
+  kind = opt_string(L, 1, "kind"); /* stays on the stack, which keeps it alive */
+  if (!kind && network) kind = "network";
+  error_code = opt_number(L, 1, "errorCode", 0);
   attempt = opt_number(L, 1, "attempt", 1);
   max_attempts = opt_number(L, 1, "maxAttempts", 5);
   now = opt_number(L, 1, "now", 0);
@@ -92,9 +115,14 @@ static int l_retry_decision(lua_State *L) {
   jitter = opt_number(L, 1, "jitter", 0.5);
   r = opt_number(L, 1, "random", 0);
 
-  if (!network && !status_retryable(status)) {
+  if (!failure_retryable(status, kind)) {
     lua_pushnil(L);
     lua_pushliteral(L, "not-retryable");
+    return 2;
+  }
+  if (error_code == ERROR_ACTIVE_JOB_LIMIT && opt_bool(L, 1, "activeJobLimitFinal")) {
+    lua_pushnil(L);
+    lua_pushliteral(L, "job-limit");
     return 2;
   }
   if (attempt >= max_attempts) {

@@ -10,7 +10,7 @@ local RETRY_FIELDS = { "status", "attempt", "maxAttempts", "now", "deadline", "r
   "throttleBase", "jitter", "random" }
 local MONITOR_FIELDS = { "now", "started", "timeout", "interval", "maxInterval", "errors", "startTime" }
 local STATUSES = { "completed", "failed", "cancelled", "scheduled", "queued", "enqueued", "running", "", "x" }
-local REASONS = { ["not-retryable"] = true, attempts = true, deadline = true }
+local REASONS = { ["not-retryable"] = true, ["job-limit"] = true, attempts = true, deadline = true }
 local DECISIONS = { done = true, timeout = true, unavailable = true, sleep = true }
 local MONITOR_REASONS = { terminal = true, deadline = true, ["retry-after"] = true, interval = true,
   backoff = true, ["start-time"] = true }
@@ -42,6 +42,8 @@ return function(data)
   local b = fz.bytes(data)
   local r = fields(b, RETRY_FIELDS)
   r.network = b:bool()
+  if b:bool() then r.kind = b:pick({ "network", "timeout", "tls", "protocol" }) end
+  if b:bool() then r.errorCode, r.activeJobLimitFinal = b:pick({ 429004, 429001 }), b:bool() end
   local called, delay, why = call(core.retry_decision, b, r, "retry_decision")
   if called then
     check(type(delay) == "number" or (delay == nil and REASONS[why]), "retry_decision returned %s, %s", delay, why)

@@ -118,7 +118,7 @@ end
 function M.transport(terr, context)
   return M.new({
     kind = terr.kind or "network", code = terr.code, message = terr.message,
-    retryable = terr.kind ~= "tls", operation = context.operation, target = context.target,
+    retryable = core.retryable(nil, terr.kind or "network"), operation = context.operation, target = context.target,
     requestId = context.requestId,
   })
 end

@@ -85,7 +85,7 @@ end
 -- answer is lost, as with a dropped connection (so it is retried like one).
 local function unreadable(res, op, request_id, msg)
   return errors.new({ kind = "protocol", code = "InvalidResponse", status = res.status,
-    operation = op.operation, target = op.target, requestId = request_id, retryable = true,
+    operation = op.operation, target = op.target, requestId = request_id, retryable = core.retryable(nil, "protocol"),
     message = "the hub answered " .. res.status .. " with a body that is not valid JSON (" .. msg ..
       (errors.is_html(res) and "; it is an HTML page, as a proxy in between sends" or "") .. ")" })
 end
@@ -93,7 +93,7 @@ end
 --- Sends one operation, retrying transient failures.
 -- op = { operation=, target=, method=, path=, query={{k,v}}, headers={{k,v}}, body=,
 --        retry=(false disables), timeout=, raw=true to return the response instead of decoded
---        JSON, sleep=,
+--        JSON, sleep=, activeJobLimitFinal=true to get a 429004 at once (core.retry_decision),
 --        onConflict=function(err, uncertain) -> value | nil, err (a 409 answer),
 --        onNotFound=function(err, uncertain) -> value | nil, err (a 404 answer) }
 -- `uncertain` is true when an earlier attempt of this call got no usable answer (connection
@@ -165,23 +165,34 @@ function Pipeline:send(op)
     err.attempts = attempt
     if not answered or res.status >= 500 then uncertain = true end
 
-    local delay, why = core.retry_decision({
-      status = answered and res.status or nil, network = not answered and err.retryable,
+    local delay = core.retry_decision({
+      status = answered and res.status or nil, kind = not answered and err.kind or nil,
+      errorCode = err.errorCode, activeJobLimitFinal = op.activeJobLimitFinal,
       attempt = attempt, maxAttempts = max_attempts, now = self:now(), deadline = deadline,
       retryAfter = err.retryAfter,
       base = policy.baseDelay, cap = policy.maxDelay, throttleBase = policy.throttleDelay,
       jitter = policy.jitter, random = cfg.random(),
     })
-    if not delay then
-      err.retryable = err.retryable and why ~= "not-retryable"
-      return nil, err
-    end
+    -- err.retryable is core.retryable's word on the failure itself; running out of attempts
+    -- or time does not change it.
+    if not delay then return nil, err end
     if cfg.onRetry then
       cfg.onRetry({ operation = op.operation, target = op.target, attempt = attempt,
         delay = delay, error = err })
     end
     self:sleep(delay, op.sleep)
   end
+end
+
+--- How long to wait before trying `err`'s request again for the `attempt`th time by this
+-- client's retry policy, for callers that keep trying past its attempts and deadline (a
+-- rollout waiting for a job slot). nil when err is not worth retrying.
+function Pipeline:retry_delay(err, attempt)
+  local policy = self.cfg.retry
+  return core.retry_decision({ status = err.status, kind = err.status == nil and err.kind or nil,
+    attempt = attempt, maxAttempts = math.huge, retryAfter = err.retryAfter,
+    base = policy.baseDelay, cap = policy.maxDelay, throttleBase = policy.throttleDelay,
+    jitter = policy.jitter, random = self.cfg.random() })
 end
 
 --- Like send, but returns just the value, or nil, err (what public methods hand back).

@@ -208,6 +208,15 @@ describe("C policy", function()
     -- answer, and direct methods are never retried): retried, as Azure's msrest does.
     for _, s in ipairs({ 429, 500, 502, 503, 504 }) do assert.is_true(core.retryable(s)) end
     for _, s in ipairs({ 400, 401, 404, 409, 412, 501 }) do assert.is_false(core.retryable(s)) end
+    -- no answer: retried unless TLS failed (a certificate will not verify the next time either)
+    for _, k in ipairs({ "network", "timeout", "protocol" }) do assert.is_true(core.retryable(nil, k)) end
+    assert.is_false(core.retryable(nil, "tls"))
+    assert.equal("not-retryable", select(2, core.retry_decision({ kind = "tls", attempt = 1 })))
+    assert.equal(1, core.retry_decision({ kind = "timeout", attempt = 1, jitter = 0 }))
+    -- the active-job limit, for a caller that manages job slots
+    assert.is_number(core.retry_decision({ status = 429, errorCode = 429004, attempt = 1 }))
+    assert.equal("job-limit", select(2, core.retry_decision({ status = 429, errorCode = 429004, attempt = 1,
+      activeJobLimitFinal = true })))
   end)
 
   it("decides monitor steps", function()
