@@ -66,13 +66,15 @@ end
 
 -- Builds the request (iothub.job_request: every check) and PUTs it to /jobs/v2/{id}. A
 -- retried PUT whose first response was lost can meet its own job and get 409: read the job
--- back and accept it if it is the one we asked for.
-function JobClient:_schedule(op, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds)
+-- back and accept it if it is the one we asked for. internal: { activeJobLimitFinal = true }
+-- returns a 429004 at once instead of retrying it (a rollout manages job slots itself).
+function JobClient:_schedule(op, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds, internal)
   local body, err = job_request.build(op, jobId, queryCondition, action, startTime, maxExecutionTimeInSeconds,
     self.cfg.clock.time(), op)
   if not body then return nil, err end
   return self.pipeline:call({
     operation = op, target = jobId, method = "PUT", path = job_request.path(jobId), body = body,
+    activeJobLimitFinal = internal and internal.activeJobLimitFinal,
     onConflict = function(conflict)
       local job = self:getJob(jobId)
       if same_job(job, core.json_decode(body)) then return job end
@@ -271,6 +273,10 @@ function JobClient:watchJob(jobId, opts)
           started = started, timeout = timeout, interval = interval, maxInterval = max_interval,
           errors = errors_in_row, retryAfter = errors_in_row > 0 and last_err.retryAfter or nil,
           startTime = start_epoch and (now + start_epoch - clock.time()) or nil })
+        if action == "done" then
+          finished = true
+          return nil
+        end
         if action == "timeout" or action == "unavailable" then
           finished = true
           return false, monitor_stop(action, reason, jobId, timeout, last, last_err, errors_in_row)
@@ -282,8 +288,7 @@ function JobClient:watchJob(jobId, opts)
       if job then
         errors_in_row, last = 0, job
         if type(job.startTime) == "string" then start_epoch = core.parse_time(job.startTime) end
-        if core.is_terminal(job.status) then finished = true end
-        return job
+        return job -- a terminal one ends the loop at the next call: core.monitor_decision says "done"
       end
       if not err.retryable then
         finished = true

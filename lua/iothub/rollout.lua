@@ -25,7 +25,6 @@ Rollout.__index = Rollout
 --- The service refuses longer queryConditions (hub-behavior.md §1.4).
 Rollout.MAX_CONDITION_LENGTH = 8192
 local TYPES = { method = "scheduleDeviceMethod", twin = "scheduleUpdateTwin" }
-local CREATE_ATTEMPTS = 5
 local ID_PAGE_SIZE = 1000
 
 ---------------------------------------------------------------------------
@@ -110,8 +109,8 @@ end
 -- Construction
 
 --- opts: jobs (JobClient), registry (Registry, for counting and query targets),
--- create (JobClient used for job PUTs; default jobs; give one with retry = { maxAttempts = 1 }
--- so 429004 is handled here at once rather than after the client's backoff),
+-- create (JobClient used for job PUTs, default jobs: its retry policy retries them, except a
+-- 429004, which is handled here at once),
 -- maxActiveJobs (default: learnt from 429004), maxConditionLength, interval (poll, 2 s),
 -- timeout (per job watch, default none), onProgress(view), onEvent(text, kind),
 -- sleep (how the loop blocks; give one that returns to Lua often so Ctrl-C is prompt),
@@ -264,12 +263,16 @@ function Rollout:resolve(job)
   return resolved
 end
 
--- Schedules chunk's job through client: the same call for the dry run and the real one.
+-- Schedules chunk's job through client, whose retry policy retries everything transient but
+-- the hub's active-job limit (429004): that comes back at once, for _run_units to wait for a
+-- free slot.
 local function schedule(client, job, chunk, start)
   if job.type == "method" then
-    return client:scheduleDeviceMethod(chunk.jobId, chunk.condition, job.methodParams, start, job.ttl)
+    return client:_schedule("scheduleDeviceMethod", chunk.jobId, chunk.condition, job.methodParams, start, job.ttl,
+      { activeJobLimitFinal = true })
   end
-  return client:scheduleTwinUpdate(chunk.jobId, chunk.condition, job.patch, start, job.ttl)
+  return client:_schedule("scheduleTwinUpdate", chunk.jobId, chunk.condition, job.patch, start, job.ttl,
+    { activeJobLimitFinal = true })
 end
 
 --- What running `defs` would do, without changing anything: per job and stage, the device
@@ -380,7 +383,7 @@ Rollout.aggregate = aggregate
 
 -- Adopts the job if it exists (a resumed run), else creates it. Returns job, how
 -- ("adopted" | "created") or nil, err; err.errorCode 429004 means "no free job slot".
-function Rollout:_adopt_or_create(unit, sched)
+function Rollout:_adopt_or_create(unit)
   local existing, err = self.jobs:getJob(unit.jobId)
   if existing then
     if unit.type and existing.type ~= unit.type then
@@ -395,15 +398,10 @@ function Rollout:_adopt_or_create(unit, sched)
   end
   if err.code ~= "JobNotFound" then return nil, err end
   if not unit.create then return nil, err end
-  local attempt = 0
-  while true do
-    attempt = attempt + 1
-    local job, cerr = unit.create()
-    if job then return job, "created" end
-    if cerr.errorCode == 429004 or not cerr.retryable or attempt >= CREATE_ATTEMPTS then return nil, cerr end
-    self:_event(("creating %s failed (%s); retrying"):format(unit.jobId, tostring(cerr.code or cerr.kind)), "warning")
-    sched:sleep(core.backoff(attempt, 1, 30, 0.5, math.random()))
-  end
+  -- The client retries transient failures by its own policy (see schedule above).
+  local job, cerr = unit.create()
+  if job then return job, "created" end
+  return nil, cerr
 end
 
 --- Runs (or adopts) and watches units concurrently within the active-job limit.
@@ -462,7 +460,7 @@ function Rollout:_run_units(label, units, extra)
       u.waiting = nil
       if state.halt or state.interrupted then u.skipped = state.halt return end
       state.active = state.active + 1
-      local job, how = self:_adopt_or_create(u, sched)
+      local job, how = self:_adopt_or_create(u)
       if job then
         u.job, u.how = job, how
         self.known[#self.known + 1] = u
@@ -490,7 +488,7 @@ function Rollout:_run_units(label, units, extra)
         sched:sleep(0.2)
       else
         backoff = backoff + 1
-        local delay = core.backoff(backoff, 2, 60, 0.25, math.random())
+        local delay = self.creator.pipeline:retry_delay(how, backoff)
         if not throttle_noted then
           throttle_noted = true
           self:_event(("the hub's active-job limit is taken by other jobs (429004); retrying in %.0f s"):format(delay),

@@ -584,7 +584,8 @@ describe("iothub-jobs output (offline)", function()
     local cs = "HostName=localhost;SharedAccessKeyName=iothubowner;SharedAccessKey=" .. core.base64_encode("k")
     local near = assert(connection.clients({ connectionString = cs, endpoint = "http://127.0.0.1:8080" }))
     assert.equal(2, near.jobs.cfg.retry.maxAttempts)
-    assert.equal(1, near.creator.cfg.retry.maxAttempts)
+    -- rollouts create jobs through the same client: its retry policy, a 429004 returned at once
+    assert.is_nil(near.creator)
     near = assert(connection.clients({ connectionString = cs })) -- https://localhost
     assert.equal(2, near.registry.cfg.retry.maxAttempts)
     local far = assert(connection.clients({ connectionString = cs:gsub("localhost", "myhub.azure-devices.net") }))

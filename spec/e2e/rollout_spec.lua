@@ -210,7 +210,7 @@ return { fleets = {
 
   local function rollout(extra)
     local events = {}
-    local opts = { jobs = clients.jobs, registry = clients.registry, create = clients.creator, interval = 0.2,
+    local opts = { jobs = clients.jobs, registry = clients.registry, interval = 0.2,
       tick = 0.2, onEvent = function(text) events[#events + 1] = text end }
     for k, v in pairs(extra or {}) do opts[k] = v end
     return Rollout.new(opts), events

@@ -224,6 +224,30 @@ describe("retries", function()
   end)
 end)
 
+describe("the rollout's job creation", function()
+  local LIMIT = { status = 429, headers = { ["iothub-errorcode"] = "ThrottlingMaxActiveJobCountExceeded" },
+    body = '{"errorCode":429004,"message":"too many active jobs"}' }
+
+  it("returns the hub's active-job limit (429004) at once and retries other failures by the client's policy", function()
+    local jobs, rec, clock = make({ { status = 503 }, LIMIT })
+    local job, err = jobs:_schedule("scheduleDeviceMethod", "job01", "*", { methodName = "m" }, nil, nil,
+      { activeJobLimitFinal = true })
+    assert.is_nil(job)
+    assert.equal(429004, err.errorCode)
+    assert.is_true(err.retryable)
+    assert.equal(2, #rec.requests)
+    assert.same({ 1 }, clock.sleeps)
+  end)
+
+  it("waits for a free slot as long as the client's throttling policy says, Retry-After first", function()
+    local jobs = make({})
+    local err = errors.new({ kind = "service", status = 429, errorCode = 429004, retryable = true })
+    assert.equal(10, jobs.pipeline:retry_delay(err, 1))
+    err.retryAfter = 3
+    assert.equal(3, jobs.pipeline:retry_delay(err, 1))
+  end)
+end)
+
 describe("idempotent job creation", function()
   local CREATED = { status = 200, body = { jobId = "job01", type = "scheduleDeviceMethod", status = "queued",
     queryCondition = "*", startTime = "2023-11-14T21:13:20.0000000Z", cloudToDeviceMethod = { methodName = "m" } } }

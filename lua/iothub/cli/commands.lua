@@ -34,7 +34,7 @@ end
 local function rollout(ctx, clients, extra)
   local o = ctx.options
   local opts = {
-    jobs = clients.jobs, registry = clients.registry, create = clients.creator,
+    jobs = clients.jobs, registry = clients.registry,
     interval = o.interval, timeout = o.timeout, sleep = ctx.sleep,
     maxActiveJobs = o["max-active-jobs"], maxConditionLength = o["max-condition-length"],
     onProgress = function(view, final) ctx.progress:update(view, final) end,

@@ -175,10 +175,9 @@ function M.unreachable_hint(conn, err)
   return "is bin/iothub-emulator running at " .. tostring(conn.endpoint) .. "? (" .. conn.emulator.hint .. ")"
 end
 
---- Builds the clients. Returns { jobs=, registry=, creator= } or nil, err (an iothub error).
--- creator makes one attempt per request, so a rollout meets 429004 at once (see iothub.rollout).
+--- Builds the clients. Returns { jobs=, registry= } or nil, err (an iothub error).
 function M.clients(conn, extra)
-  -- One transport (one connection pool) shared by the three clients.
+  -- One transport (one connection pool) shared by the two clients.
   local transport = require("iothub.transport.curl").new({ caFile = conn.caFile })
   local opts = { endpoint = conn.endpoint, caFile = conn.caFile, transport = transport }
   local host = conn.connectionString:match("[Hh][Oo][Ss][Tt][Nn][Aa][Mm][Ee]=([^;]+)")
@@ -187,9 +186,7 @@ function M.clients(conn, extra)
   local jobs, err = iothub.JobClient.fromConnectionString(conn.connectionString, opts)
   if not jobs then return nil, err end
   local registry = assert(iothub.Registry.fromConnectionString(conn.connectionString, opts))
-  opts.retry = { maxAttempts = 1 }
-  local creator = assert(iothub.JobClient.fromConnectionString(conn.connectionString, opts))
-  return { jobs = jobs, registry = registry, creator = creator }
+  return { jobs = jobs, registry = registry }
 end
 
 return M
