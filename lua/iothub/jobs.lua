@@ -105,10 +105,13 @@ function JobClient:scheduleTwinUpdate(jobId, queryCondition, patch, startTime, m
     maxExecutionTimeInSeconds)
 end
 
--- getJob with per-call pipeline options (the monitor disables retries and supplies sleep).
-function JobClient:_get_job(jobId, extra)
-  local ok, err = check_job_id(jobId, "getJob")
-  if not ok then return nil, err end
+-- getJob with per-call pipeline options (the monitor disables retries and supplies sleep);
+-- checked: the id was checked already (a monitor checks it once, not at every poll).
+function JobClient:_get_job(jobId, extra, checked)
+  if not checked then
+    local ok, err = check_job_id(jobId, "getJob")
+    if not ok then return nil, err end
+  end
   local op = { operation = "getJob", target = jobId, method = "GET", path = job_request.path(jobId) }
   for k, v in pairs(extra or {}) do op[k] = v end
   local job, err2 = self.pipeline:call(op)
@@ -261,8 +264,10 @@ function JobClient:watchJob(jobId, opts)
   local timeout = opts.timeout or 3600
   local started = clock.now()
   local polled, finished, errors_in_row = false, false, 0
-  local last, start_epoch, last_err
+  local last, start_text, start_epoch, last_err
   local pipeline = self.pipeline
+  local id_ok, id_err = check_job_id(jobId, "getJob")
+  local poll_opts = { retry = false, sleep = opts.sleep }
 
   return function()
     if finished then return nil end
@@ -284,10 +289,13 @@ function JobClient:watchJob(jobId, opts)
         pipeline:sleep(delay, opts.sleep)
       end
       polled = true
-      local job, err = self:_get_job(jobId, { retry = false, sleep = opts.sleep })
+      local job, err
+      if id_ok then job, err = self:_get_job(jobId, poll_opts, true) else err = id_err end
       if job then
         errors_in_row, last = 0, job
-        if type(job.startTime) == "string" then start_epoch = core.parse_time(job.startTime) end
+        if type(job.startTime) == "string" and job.startTime ~= start_text then
+          start_text, start_epoch = job.startTime, core.parse_time(job.startTime)
+        end
         return job -- a terminal one ends the loop at the next call: core.monitor_decision says "done"
       end
       if not err.retryable then

@@ -107,8 +107,8 @@ function Pipeline:send(op)
   if transport.checkPhase then transport.checkPhase(op.operation) end
   local policy = cfg.retry
   local max_attempts = op.retry == false and 1 or policy.maxAttempts
-  local started = self:now()
-  local deadline = started + policy.deadline
+  -- One attempt needs no deadline (and no clock read).
+  local deadline = max_attempts > 1 and self:now() + policy.deadline or math.huge
   local attempt = 0
   local uncertain = false
   local query = self.api_query
