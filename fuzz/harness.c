@@ -80,7 +80,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   lua_setfield(L, -2, "iothub.curl");
   lua_pop(L, 1);
   lua_getglobal(L, "package");
-  lua_pushstring(L, FUZZ_ROOT "/fuzz/?.lua;" FUZZ_ROOT "/lua/?.lua;" FUZZ_ROOT "/lua/?/init.lua");
+  /* the checkout root too, for the emulator's modules (emulator.mqtt_codec) */
+  lua_pushstring(L, FUZZ_ROOT "/fuzz/?.lua;" FUZZ_ROOT "/lua/?.lua;" FUZZ_ROOT "/lua/?/init.lua;" FUZZ_ROOT "/?.lua");
   lua_setfield(L, -2, "path");
   lua_pushliteral(L, "");
   lua_setfield(L, -2, "cpath");
