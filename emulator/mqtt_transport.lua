@@ -105,9 +105,9 @@ function M.serve_raw(hub, maxPacket)
     hub.log("[mqtt] raw socket: " .. tostring(err))
     return ngx.exit(500)
   end
-  local ok
-  ok, err = sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: iothub-mqtt\r\nConnection: Upgrade\r\n\r\n")
-  if not ok then return end
+  if not sock:send("HTTP/1.1 101 Switching Protocols\r\nUpgrade: iothub-mqtt\r\nConnection: Upgrade\r\n\r\n") then
+    return
+  end
   sock:settimeout(M.TICK * 1000)
   local function recv()
     local data, rerr = sock:receiveany(65536)
