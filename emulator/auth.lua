@@ -249,6 +249,44 @@ end
 M.MAX_LIFETIME = 3652.5 * 86400
 local SIG_BYTES = 32 -- HMAC-SHA256
 
+-- The checks every token gets, whoever signed it. fresh: not expired and not valid for longer
+-- than the hub allows. signed_by: signed with one of keys (raw bytes); what names the keys'
+-- owner in the reason. Each returns true, or nil and the reason.
+local function fresh(tok, now)
+  now = now or (util.real_now or util.now)() -- clients sign with their own (real) clock
+  local se = tok.se
+  if se + MAX_CLOCK_SKEW < now then
+    return nil, string.format("token expired %d s ago (se %d)", math.floor(now - se), se)
+  end
+  if se > now + M.MAX_LIFETIME then
+    return nil, string.format("token expires in %d days (se %d); the hub accepts at most 10 years",
+      math.floor((se - now) / 86400), se)
+  end
+  return true
+end
+
+local function signed_by(tok, text, keys, what)
+  local sig = core.base64_decode(tok.sig)
+  if not sig or #sig ~= SIG_BYTES then
+    return nil, "sig is not the base64 of a " .. SIG_BYTES .. "-byte HMAC-SHA256 (" .. #tok.sig .. " characters)"
+  end
+  -- Peers differ in whether sr is URL-encoded before signing; all are accepted by the
+  -- real service, so accept the encoded, decoded and as-written forms.
+  local raw = raw_fields(text)
+  local forms, seen = {}, {}
+  for _, f in ipairs({ core.url_encode(tok.sr), tok.sr, raw.sr }) do
+    if f and not seen[f] then seen[f] = true; forms[#forms + 1] = f end
+  end
+  for _, key in ipairs(keys) do
+    for _, form in ipairs(forms) do
+      -- compared as text, as the service does: another spelling of the same bytes is refused
+      local expected = core.base64_encode(core.hmac_sha256(key, form .. "\n" .. raw.se))
+      if core.constant_time_equals(expected, tok.sig) then return true end
+    end
+  end
+  return nil, "signature matches neither the primary nor the secondary key of " .. what
+end
+
 -- Returns true, policy name; or nil and the reason the request is not authorized (for the
 -- log and the error's info: it names what is wrong and never holds a key or a signature).
 -- method (default: the current nginx request's method) selects the rights the request
@@ -269,42 +307,14 @@ function M.check(header, path, now, method)
   if not policy then
     return nil, "policy " .. policy_text(tok.skn) .. " is not configured (skn)"
   end
-  now = now or (util.real_now or util.now)() -- clients sign with their own (real) clock
-  local se = tok.se
-  if se + MAX_CLOCK_SKEW < now then
-    return nil, string.format("token expired %d s ago (se %d)", math.floor(now - se), se)
-  end
-  if se > now + M.MAX_LIFETIME then
-    return nil, string.format("token expires in %d days (se %d); the hub accepts at most 10 years",
-      math.floor((se - now) / 86400), se)
-  end
+  local ok, why = fresh(tok, now)
+  if not ok then return nil, why end
   if not scope_ok(tok.sr, path) then
     return nil, "sr " .. shown(tok.sr, "^[%w%-%._:/]+$", 256, "host name or path") .. " does not cover "
       .. settings.host .. (path or ""):sub(1, 200)
   end
-  local sig = core.base64_decode(tok.sig)
-  if not sig or #sig ~= SIG_BYTES then
-    return nil, "sig is not the base64 of a " .. SIG_BYTES .. "-byte HMAC-SHA256 (" .. #tok.sig .. " characters)"
-  end
-  -- Peers differ in whether sr is URL-encoded before signing; all are accepted by the
-  -- real service, so accept the encoded, decoded and as-written forms.
-  local raw = raw_fields(header)
-  local forms, seen = {}, {}
-  for _, f in ipairs({ core.url_encode(tok.sr), tok.sr, raw.sr }) do
-    if f and not seen[f] then seen[f] = true; forms[#forms + 1] = f end
-  end
-  local signed = false
-  for _, key in ipairs(policy.raw) do
-    for _, form in ipairs(forms) do
-      -- compared as text, as the service does: another spelling of the same bytes is refused
-      local expected = core.base64_encode(core.hmac_sha256(key, form .. "\n" .. raw.se))
-      if core.constant_time_equals(expected, tok.sig) then signed = true; break end
-    end
-    if signed then break end
-  end
-  if not signed then
-    return nil, "signature matches neither the primary nor the secondary key of policy '" .. tok.skn .. "'"
-  end
+  ok, why = signed_by(tok, header, policy.raw, "policy '" .. tok.skn .. "'")
+  if not ok then return nil, why end
   if method == nil and ngx then method = ngx.req.get_method() end
   if method then
     local need = M.permission_for(method, path)
@@ -314,6 +324,37 @@ function M.check(header, path, now, method)
     end
   end
   return true, tok.skn
+end
+
+--- A device's MQTT password: a device SAS token (sr = {host}/devices/{id}, no skn) signed
+-- with one of the device's keys (base64, as the registry keeps them), or a token of a shared
+-- access policy with DeviceConnect whose sr covers the device. Returns true, or nil and the
+-- reason (for the log: never a key or a signature).
+function M.check_device(password, device_id, keys_b64, now)
+  if type(password) ~= "string" or password == "" then return nil, "no password (a SAS token)" end
+  local tok, perr = core.parse_sas_token(password)
+  if not tok then return nil, perr end
+  local ok, why = fresh(tok, now)
+  if not ok then return nil, why end
+  if not scope_ok(tok.sr, "/devices/" .. device_id:lower()) then
+    return nil, "sr " .. shown(tok.sr, "^[%w%-%._:/]+$", 256, "host name or path") .. " does not cover "
+      .. settings.host .. "/devices/" .. device_id:sub(1, 128)
+  end
+  if tok.skn and tok.skn ~= "" then
+    local policy = settings.policies[tok.skn]
+    if not policy then return nil, "policy " .. policy_text(tok.skn) .. " is not configured (skn)" end
+    if not allowed(policy.rights, { { "deviceConnect" } }) then
+      return nil, "policy '" .. tok.skn .. "' lacks DeviceConnect"
+    end
+    return signed_by(tok, password, policy.raw, "policy '" .. tok.skn .. "'")
+  end
+  local keys = {}
+  for _, which in ipairs({ "primary", "secondary" }) do
+    local raw = keys_b64 and keys_b64[which] and core.base64_decode(keys_b64[which])
+    if raw then keys[#keys + 1] = raw end
+  end
+  if #keys == 0 then return nil, "the device has no symmetric keys (its authentication is not SAS)" end
+  return signed_by(tok, password, keys, "device '" .. device_id:sub(1, 128) .. "'")
 end
 
 -- Builds a token the way clients do (handy for curl experiments and tests).
