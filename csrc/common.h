@@ -3,6 +3,7 @@
 #define IOTHUB_COMMON_H
 
 #include <stdarg.h>
+#include <string.h>
 #include "compat.h"
 
 /* Runtime failure convention (luv/LuaSocket): push nil, message, code; return 3.
@@ -16,6 +17,12 @@ static inline int iothub_fail(lua_State *L, const char *code, const char *fmt, .
   va_end(ap);
   lua_pushstring(L, code);
   return 3;
+}
+
+/* 1 if s[0..n) holds a CR or LF, which would split a header line (or a request path) in two:
+ * the one check both modules make before a caller's text goes on the wire. */
+static inline int iothub_has_crlf(const char *s, size_t n) {
+  return memchr(s, '\r', n) != NULL || memchr(s, '\n', n) != NULL;
 }
 
 /* Casting a double that does not fit the target type (or NaN) is undefined behaviour, so every

@@ -228,7 +228,7 @@ static void check_headers(lua_State *L, int idx, const char *what, reqspec *s) {
       luaL_error(L, "bad %s 'headers' (string expected at index %d, got %s)", what, i,
                  luaL_typename(L, -1));
     h = lua_tolstring(L, -1, &len);
-    if (strlen(h) != len || memchr(h, '\n', len) || memchr(h, '\r', len))
+    if (strlen(h) != len || iothub_has_crlf(h, len))
       luaL_error(L, "bad %s 'headers' (line %d contains CR, LF or NUL)", what, i);
     if ((h[0] | 0x20) == 'c' && header_is(h, len, "content-type", 12)) s->userCtype = 1;
     if ((h[0] | 0x20) == 'e' && header_is(h, len, "expect", 6)) s->userExpect = 1;

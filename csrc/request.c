@@ -5,10 +5,6 @@
 #include "buffer.h"
 #include "codec.h"
 
-static int has_crlf(const char *s, size_t n) {
-  return memchr(s, '\r', n) != NULL || memchr(s, '\n', n) != NULL;
-}
-
 /* Appends the path: a string is taken as already encoded (must start with '/'); an array of
  * segments has each segment percent-encoded, so ids such as "a/b#c" cannot escape their slot. */
 static int append_path(lua_State *L, int t, iothub_buffer *b, char *err, size_t errlen) {
@@ -17,7 +13,7 @@ static int append_path(lua_State *L, int t, iothub_buffer *b, char *err, size_t 
   lua_getfield(L, t, "path");
   if (lua_type(L, -1) == LUA_TSTRING) {
     s = lua_tolstring(L, -1, &len);
-    if (len == 0 || s[0] != '/' || has_crlf(s, len)) {
+    if (len == 0 || s[0] != '/' || iothub_has_crlf(s, len)) {
       snprintf(err, errlen, "path must start with '/' and contain no line breaks");
       lua_pop(L, 1);
       return -1;
@@ -140,10 +136,10 @@ static int l_build_request(lua_State *L) {
       name = lua_tolstring(L, -2, &nlen);
       value = lua_tolstring(L, -1, &vlen);
       if (value) {
-        if (has_crlf(name, nlen) || has_crlf(value, vlen) || memchr(name, ':', nlen))
+        if (iothub_has_crlf(name, nlen) || iothub_has_crlf(value, vlen) || memchr(name, ':', nlen))
           return iothub_fail(L, "InvalidHeader",
                              "header '%s' contains a line break or a bad name; refusing to send it",
-                             has_crlf(name, nlen) ? "?" : name);
+                             iothub_has_crlf(name, nlen) ? "?" : name);
         lua_pushfstring(L, "%s: %s", name, value);
         lua_rawseti(L, lines, (int)lua_rawlen(L, lines) + 1);
       }
