@@ -23,7 +23,7 @@ CRYPTO_LIBS  ?= $(shell pkg-config --libs libcrypto 2>/dev/null || echo -lcrypto
 CORE_SRC = csrc/core.c csrc/sas.c csrc/codec.c csrc/json.c csrc/clock.c \
            csrc/validate.c csrc/request.c csrc/job_request.c csrc/policy.c csrc/query.c \
            csrc/sandbox.c
-CURL_SRC = csrc/curl.c
+CURL_SRC = csrc/curl.c csrc/curl_transfer.c csrc/curl_easy.c csrc/curl_multi.c
 HEADERS  = $(wildcard csrc/*.h)
 
 # Specs that start no server or emulator: make check, make asan and make valgrind run these.

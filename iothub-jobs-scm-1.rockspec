@@ -42,7 +42,7 @@ build = {
       libraries = { "crypto", "m" },
     },
     ["iothub.curl"] = {
-      sources = { "csrc/curl.c" },
+      sources = { "csrc/curl.c", "csrc/curl_transfer.c", "csrc/curl_easy.c", "csrc/curl_multi.c" },
       incdirs = { "csrc", "$(CURL_INCDIR)" },
       libdirs = { "$(CURL_LIBDIR)" },
       libraries = { "curl" },
