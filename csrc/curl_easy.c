@@ -2,7 +2,7 @@
  * keeps its options and connections from one request to the next. */
 #include "curl_transfer.h"
 
-#define EASY_MT  "iothub.curl.easy"
+#define EASY_MT "iothub.curl.easy"
 
 typedef struct {
   xfer x;
